@@ -1,0 +1,354 @@
+"""Typed run configuration: dataclasses loaded from YAML, with dotted CLI overrides.
+
+Every stage reads its own section; `run` reads them all. Validation happens at load time so a typo
+in a recipe fails before any work starts, with the dotted key that is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong; the message names the dotted key."""
+
+
+@dataclass
+class InputConfig:
+    """One user data source: a file, a directory or a glob."""
+
+    path: str
+    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
+    source: str | None = None  # label; None -> the record's `source` field, else the file's stem
+    text_key: str = "text"
+    id_key: str = "id"
+
+    @classmethod
+    def from_scalar(cls, value: str) -> InputConfig:
+        return cls(path=value)
+
+
+@dataclass
+class BuiltinCorpusConfig:
+    """The default corpus built from the Python standard library on this machine."""
+
+    max_prose_bytes: int = 2_500_000
+    max_code_bytes: int = 2_500_000
+    min_docstring_chars: int = 200
+
+
+@dataclass
+class DataConfig:
+    inputs: list[InputConfig] = field(default_factory=list)  # empty -> built-in corpus
+    builtin: BuiltinCorpusConfig = field(default_factory=BuiltinCorpusConfig)
+    # Each filter: {name: <registered filter>, sources: [..] or absent for all, <its options>}.
+    filters: list[dict[str, Any]] = field(
+        default_factory=lambda: [
+            {"name": "min_words", "min_words": 25},
+            {"name": "symbol_ratio", "max_ratio": 0.1, "sources": ["prose"]},
+            {"name": "stop_words", "sources": ["prose"]},
+        ]
+    )
+    dedup: Literal["exact", "none"] = "exact"
+    val_fraction: float = 0.02
+    docs_per_shard: int = 20_000
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["bpe"] = "bpe"
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    max_train_bytes: int = 200_000_000
+
+
+@dataclass
+class TokensConfig:
+    dtype: Literal["auto", "uint16", "uint32"] = "auto"
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "decoder"
+    vocab_size: int = 0  # 0 -> taken from the trained tokenizer
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 -> n_heads (no grouped-query attention)
+    d_ff: int = 0  # 0 -> SwiGLU default: 8/3 * d_model rounded up to a multiple of 64
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "lm"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1
+    max_steps: int = 400
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    resume: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+@dataclass
+class GenerateConfig:
+    prompt: str = "def "
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    max_tokens: int = 0  # 0 -> the whole validation split
+    batch_size: int = 8
+    checkpoint: str = ""  # "" -> latest
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+@dataclass
+class ExportConfig:
+    format: Literal["hf_llama"] = "hf_llama"
+    dir: str = ""  # "" -> <out_dir>/export/hf
+    verify: bool = True
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/demo"
+    seed: int = 1234
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.out_dir)
+
+
+# ---------------------------------------------------------------- loading and validation
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML recipe, then `a.b.c=value` overrides; validated, typed."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raw = loaded or {}
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    cfg = build(RunConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Construct dataclass `cls` from plain data, checking every key and value."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(
+                f"{_join(where, key)}: unknown key; allowed here: {', '.join(sorted(fields))}"
+            )
+    kwargs = {}
+    for name in fields:
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], _join(where, name))
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{_join(where, missing[0])}: required")
+    return cls(**kwargs)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict) and hasattr(tp, "from_scalar"):
+            return tp.from_scalar(_coerce(str, value, key))
+        return build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]  # `data.inputs=my_dir/` means a one-element list
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    return _scalar(tp, value, key)
+
+
+def _scalar(tp: type, value: Any, key: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        as_float = _maybe_float(value)
+        if as_float is not None and as_float.is_integer():
+            return int(as_float)
+    elif tp is float:
+        as_float = _maybe_float(value)
+        if as_float is not None:
+            return as_float
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+
+
+def _maybe_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    checks = [
+        ("seed", cfg.seed >= 0, "must be >= 0"),
+        ("data.val_fraction", 0.0 < cfg.data.val_fraction < 0.5, "must be in (0, 0.5)"),
+        ("data.docs_per_shard", cfg.data.docs_per_shard > 0, "must be > 0"),
+        ("tokenizer.vocab_size", 300 <= cfg.tokenizer.vocab_size <= 2**32 - 1, "must be in [300, 2^32)"),
+        ("model.d_model", cfg.model.d_model > 0, "must be > 0"),
+        ("model.n_layers", cfg.model.n_layers > 0, "must be > 0"),
+        ("model.n_heads", cfg.model.n_heads > 0 and cfg.model.d_model % cfg.model.n_heads == 0,
+         "must divide model.d_model"),
+        ("model.n_kv_heads", cfg.model.n_kv_heads == 0 or cfg.model.n_heads % cfg.model.n_kv_heads == 0,
+         "must divide model.n_heads"),
+        ("train.seq_len", 0 < cfg.train.seq_len <= cfg.model.max_seq_len, "must be in (0, model.max_seq_len]"),
+        ("train.batch_size", cfg.train.batch_size > 0, "must be > 0"),
+        ("train.grad_accum", cfg.train.grad_accum > 0, "must be > 0"),
+        ("train.max_steps", cfg.train.max_steps > 0, "must be > 0"),
+        ("train.lr", cfg.train.lr > 0, "must be > 0"),
+        ("train.warmup_steps", 0 <= cfg.train.warmup_steps <= cfg.train.max_steps, "must be in [0, max_steps]"),
+        ("train.min_lr_ratio", 0.0 <= cfg.train.min_lr_ratio <= 1.0, "must be in [0, 1]"),
+        ("train.checkpoint_every", cfg.train.checkpoint_every > 0, "must be > 0"),
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints > 0, "must be > 0"),
+        ("eval.generate.temperature", cfg.eval.generate.temperature >= 0, "must be >= 0"),
+        ("eval.generate.top_p", 0.0 < cfg.eval.generate.top_p <= 1.0, "must be in (0, 1]"),
+    ]
+    for key, ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {msg} (got {_get_dotted(cfg, key)!r})")
+    for i, spec in enumerate(cfg.data.filters):
+        if "name" not in spec:
+            raise ConfigError(f"data.filters[{i}].name: required")
+
+
+def _get_dotted(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    from lmforge.io_utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
