@@ -1,0 +1,68 @@
+"""Byte-level BPE training with HF `tokenizers`; the saved tokenizer.json loads in `transformers`."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lmforge.config import TokenizerConfig
+from lmforge.io_utils import atomic_write_text
+from lmforge.tokenizer.special_tokens import SPECIAL_TOKENS, check_special_tokens
+
+
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_path: Path, progress: bool = True) -> Tokenizer:
+    """Train on at most cfg.max_train_bytes of `texts`, save tokenizer.json atomically, return it."""
+    if cfg.kind != "bpe":
+        raise ValueError(f"tokenizer.kind: {cfg.kind!r} is not supported; only 'bpe'")
+    # No normalizer and byte-level everything: every UTF-8 string maps to bytes and back unchanged.
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        show_progress=progress,
+        special_tokens=list(SPECIAL_TOKENS),
+        # All 256 byte symbols, seen or not, so text unlike the training set still encodes.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(_take_bytes(texts, cfg.max_train_bytes), trainer=trainer)
+    check_special_tokens(tokenizer, where=f"trained tokenizer {out_path}")
+    atomic_write_text(Path(out_path), tokenizer.to_str(pretty=True))
+    return tokenizer
+
+
+def _take_bytes(texts: Iterable[str], budget: int) -> Iterator[str]:
+    """Yield texts until `budget` UTF-8 bytes were yielded; the last one is cut to fit."""
+    left = budget
+    for text in texts:
+        if left <= 0:
+            return
+        data = text.encode("utf-8")
+        if len(data) > left:
+            # errors="ignore" drops a character cut in half at the boundary.
+            text = data[:left].decode("utf-8", errors="ignore")
+        left -= len(data)
+        yield text
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """Load a tokenizer.json and check the special-token ids every stage relies on."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    tokenizer = Tokenizer.from_file(str(path))
+    check_special_tokens(tokenizer, where=str(path))
+    return tokenizer
+
+
+def tokenizer_hash(path: Path) -> str:
+    """sha256 of the tokenizer file: token shards record it so a mismatched tokenizer is caught."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

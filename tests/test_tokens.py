@@ -1,0 +1,220 @@
+"""Token shards: exact stream and index, dtype choice, rolling, corruption detection."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from lmforge.config import TokenizerConfig
+from lmforge.data.document import Document
+from lmforge.tokenizer.special_tokens import EOS, EOS_ID
+from lmforge.tokenizer.train import tokenizer_hash, train_tokenizer
+from lmforge.tokens.shards import ShardError, ShardWriter, TokenDataset, choose_dtype, write_token_shards
+
+
+def make_docs(n: int = 300, seed: int = 0) -> list[Document]:
+    rng = random.Random(seed)
+    words = ["data", "model", "token", "shard", "the", "of", "and", "pretraining", "数据", "模型", "🤗", "x=1;"]
+    sources = ["web", "code", "zh"]
+    docs = [
+        Document(f"d{i}", " ".join(rng.choices(words, k=rng.randint(1, 40))), rng.choice(sources)) for i in range(n)
+    ]
+    docs[5] = Document("empty", "", "web")
+    docs[7] = Document("quotes-eos", f"a document quoting {EOS} in its text", "code")
+    return docs
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    texts = [d.text for d in make_docs(2000, seed=1)]
+    return train_tokenizer(texts, TokenizerConfig(vocab_size=400), path, progress=False), path
+
+
+def expected_stream(tokenizer, docs: list[Document]) -> list[list[int]]:
+    tokenizer.encode_special_tokens = True
+    try:
+        return [tokenizer.encode(d.text).ids + [EOS_ID] for d in docs]
+    finally:
+        tokenizer.encode_special_tokens = False
+
+
+def test_stream_index_and_summary_exact(tok, tmp_path):
+    tokenizer, path = tok
+    docs = make_docs()
+    summary = write_token_shards(docs, tokenizer, path, tmp_path, "train", progress=False)
+    ds = TokenDataset(tmp_path, "train")
+    per_doc = expected_stream(tokenizer, docs)
+    stream = np.concatenate([np.array(ids) for ids in per_doc])
+
+    assert np.array_equal(ds.tokens(0, ds.n_tokens), stream)
+    assert ds.n_tokens == len(stream) == summary["n_tokens"]
+    assert ds.n_docs == len(docs) == summary["n_docs"] == int((stream == EOS_ID).sum())
+    assert tokenizer.encode_special_tokens is False  # restored after writing
+    for i, (doc, ids) in enumerate(zip(docs, per_doc, strict=True)):
+        start, stop = int(ds.doc_starts[i]), int(ds.doc_starts[i + 1])
+        assert ds.tokens(start, stop).tolist() == ids
+        assert np.all(ds.doc_index(np.arange(start, stop)) == i)
+        assert ds.source_names[ds.source_ids[i]] == doc.source
+        assert ds.doc_bytes[i] == len(doc.text.encode("utf-8"))
+    assert ds.total_bytes == sum(d.n_bytes for d in docs) == summary["n_bytes"]
+    assert ds.doc_index(np.array([[0, ds.n_tokens - 1]])).tolist() == [[0, len(docs) - 1]]
+
+    for source in ("web", "code", "zh"):
+        mine = [(d, ids) for d, ids in zip(docs, per_doc, strict=True) if d.source == source]
+        stats = summary["sources"][source]
+        n_tokens = sum(len(ids) for _, ids in mine)
+        n_bytes = sum(d.n_bytes for d, _ in mine)
+        assert (stats["docs"], stats["tokens"], stats["bytes"]) == (len(mine), n_tokens, n_bytes)
+        assert stats["bytes_per_token"] == pytest.approx(n_bytes / (n_tokens - len(mine)))
+        assert ds.manifest["sources"][source] == {"docs": len(mine), "tokens": n_tokens, "bytes": n_bytes}
+    assert summary["bytes_per_token"] == pytest.approx(ds.total_bytes / (ds.n_tokens - ds.n_docs))
+
+    manifest = json.loads((tmp_path / "train-00000.json").read_text())
+    assert manifest["tokenizer_sha256"] == tokenizer_hash(path) == ds.tokenizer_sha256
+    assert (manifest["dtype"], manifest["n_tokens"], manifest["n_docs"]) == ("uint16", ds.n_tokens, ds.n_docs)
+    assert sorted(manifest["source_names"]) == ["code", "web", "zh"]
+    ds.verify()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-00000.bin", "train-00000.idx", "train-00000.json"]
+
+
+def test_dtype_choice(tok, tmp_path):
+    assert choose_dtype(65536) == np.uint16
+    assert choose_dtype(65537) == np.uint32
+    assert choose_dtype(500, "uint32") == np.uint32
+    with pytest.raises(ValueError, match="uint16 cannot hold ids of a 70000-token vocabulary"):
+        choose_dtype(70000, "uint16")
+
+    tokenizer, path = tok
+    docs = make_docs(50)
+    small = write_token_shards(docs, tokenizer, path, tmp_path, "a", progress=False)
+    wide = write_token_shards(docs, tokenizer, path, tmp_path, "b", dtype="uint32", progress=False)
+    assert (small["dtype"], wide["dtype"]) == ("uint16", "uint32")
+    assert (tmp_path / "a-00000.bin").stat().st_size == 2 * small["n_tokens"]
+    assert (tmp_path / "b-00000.bin").stat().st_size == 4 * wide["n_tokens"]
+    a, b = TokenDataset(tmp_path, "a"), TokenDataset(tmp_path, "b")
+    assert np.array_equal(a.tokens(0, a.n_tokens), b.tokens(0, b.n_tokens))
+
+    # A vocabulary past 2^16 stores large ids exactly.
+    with ShardWriter(tmp_path, "big", "0" * 64, vocab_size=70_000) as writer:
+        writer.add([65_535, 65_536, 69_999], "s", 3)
+    big = TokenDataset(tmp_path, "big")
+    assert big.dtype == np.uint32 and big.tokens(0, 4).tolist() == [65_535, 65_536, 69_999, EOS_ID]
+    with pytest.raises(ValueError, match="out of range"), ShardWriter(tmp_path, "c", "0" * 64, vocab_size=10) as w:
+        w.add([10], "s", 1)
+
+
+def test_rolling_gives_the_same_virtual_stream(tok, tmp_path):
+    tokenizer, path = tok
+    docs = make_docs()
+    write_token_shards(docs, tokenizer, path, tmp_path / "one", "train", progress=False)
+    summary = write_token_shards(
+        docs, tokenizer, path, tmp_path / "many", "train", max_shard_tokens=300, progress=False
+    )
+    one, many = TokenDataset(tmp_path / "one", "train"), TokenDataset(tmp_path / "many", "train")
+    assert summary["n_shards"] == len(many.shards) > 5
+    for shard in many.shards:
+        longest = int(np.diff(shard.offsets).max())
+        assert shard.n_tokens <= 300 or shard.n_docs == 1 and longest > 300
+    for attr in ("n_tokens", "n_docs", "total_bytes", "fingerprint"):
+        assert getattr(one, attr) == getattr(many, attr)
+    for attr in ("doc_starts", "doc_bytes"):
+        assert np.array_equal(getattr(one, attr), getattr(many, attr))
+    assert [one.source_names[i] for i in one.source_ids] == [many.source_names[i] for i in many.source_ids]
+    assert np.array_equal(one.tokens(0, one.n_tokens), many.tokens(0, many.n_tokens))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        start, stop = sorted(rng.integers(0, one.n_tokens + 1, size=2))
+        assert np.array_equal(one.tokens(start, stop), many.tokens(start, stop))
+    positions = rng.integers(0, one.n_tokens, size=(7, 11))
+    assert np.array_equal(one.doc_index(positions), many.doc_index(positions))
+    many.verify()
+
+    # Rewriting into fewer shards leaves none of the old ones behind.
+    write_token_shards(docs[:10], tokenizer, path, tmp_path / "many", "train", progress=False)
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == [
+        "train-00000.bin",
+        "train-00000.idx",
+        "train-00000.json",
+    ]
+
+
+def test_empty_input_gives_an_empty_dataset(tok, tmp_path):
+    tokenizer, path = tok
+    summary = write_token_shards([], tokenizer, path, tmp_path, "val", progress=False)
+    ds = TokenDataset(tmp_path, "val")
+    assert (summary["n_tokens"], ds.n_tokens, ds.n_docs, ds.total_bytes) == (0, 0, 0, 0)
+    assert ds.tokens(0, 0).size == 0
+
+
+def test_failed_write_leaves_no_partial_shard(tok, tmp_path):
+    tokenizer, path = tok
+
+    def docs_then_crash():
+        yield from make_docs(20)
+        raise RuntimeError("reader died")
+
+    with pytest.raises(RuntimeError, match="reader died"):
+        write_token_shards(docs_then_crash(), tokenizer, path, tmp_path, "train", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def written(tok, tmp_path):
+    tokenizer, path = tok
+    write_token_shards(make_docs(), tokenizer, path, tmp_path, "train", max_shard_tokens=1000, progress=False)
+    return tmp_path
+
+
+def test_truncated_bin_is_a_clear_error(written):
+    bin_path = written / "train-00001.bin"
+    bin_path.write_bytes(bin_path.read_bytes()[:-2])
+    with pytest.raises(ShardError, match=r"train-00001\.bin: .* truncated or corrupted"):
+        TokenDataset(written, "train")
+
+
+def test_corrupted_bin_fails_verify(written):
+    bin_path = written / "train-00002.bin"
+    data = bytearray(bin_path.read_bytes())
+    data[10] ^= 0xFF
+    bin_path.write_bytes(bytes(data))
+    ds = TokenDataset(written, "train")  # same size: only the checksum can tell
+    with pytest.raises(ShardError, match=r"train-00002\.bin: xxh64 .* does not match"):
+        ds.verify()
+
+
+def test_truncated_idx_is_a_clear_error(written):
+    idx_path = written / "train-00000.idx"
+    idx_path.write_bytes(idx_path.read_bytes()[:-8])
+    with pytest.raises(ShardError, match=r"train-00000\.idx: .* truncated or corrupted"):
+        TokenDataset(written, "train")
+
+
+def test_missing_pieces_are_clear_errors(written):
+    (written / "train-00001.json").unlink()
+    with pytest.raises(ShardError, match=r"train-00001\.json: missing"):
+        TokenDataset(written, "train")
+    for suffix in ("bin", "idx"):
+        (written / f"train-00001.{suffix}").unlink()
+    with pytest.raises(ShardError, match=r"train-00001\.bin: missing; shards are not contiguous"):
+        TokenDataset(written, "train")
+    with pytest.raises(FileNotFoundError, match="no token shards val-NNNNN.bin"):
+        TokenDataset(written, "val")
+
+
+def test_check_tokenizer(written, tok):
+    ds = TokenDataset(written, "train")
+    ds.check_tokenizer(tokenizer_hash(tok[1]))
+    with pytest.raises(ValueError, match="made with tokenizer .* re-run tokenization"):
+        ds.check_tokenizer("f" * 64)
+
+
+def test_out_of_range_reads(written):
+    ds = TokenDataset(written, "train")
+    with pytest.raises(IndexError):
+        ds.tokens(0, ds.n_tokens + 1)
+    with pytest.raises(IndexError):
+        ds.doc_index(np.array([ds.n_tokens]))
