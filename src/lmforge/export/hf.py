@@ -1,0 +1,218 @@
+"""E4/E7: export to and import from the Hugging Face Llama format, and check an export loads back.
+
+Our decoder uses transformers' Llama module names and RoPE layout, so weights move across by adding
+or removing the `model.` prefix, with no permutation.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from torch import nn
+
+from lmforge.config import GenerateConfig, ModelConfig
+from lmforge.io_utils import atomic_path, atomic_write_json
+from lmforge.models import build_model, resolve_d_ff
+from lmforge.tokenizer.special_tokens import EOS, PAD
+
+# Exercises byte-level merges, unicode, tabs, runs of spaces and a special token in running text.
+SAMPLE_TEXT = f"Hello, world!\n\tdef f(x):  return x ** 2  # café, naïve, 日本語 ✓{EOS}Next doc."
+
+# Non-persistent in recent transformers but present in older Llama checkpoints; we recompute it.
+_IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)
+
+
+def export_hf_llama(
+    model: nn.Module,
+    cfg: ModelConfig,
+    tokenizer_path: Path,
+    out_dir: Path,
+    generate: GenerateConfig | None = None,
+) -> Path:
+    """Write a LlamaForCausalLM directory (config, safetensors weights, tokenizer, generation config)
+    atomically to out_dir. `tokenizer_path` is a tokenizer.json (or a directory holding one);
+    `generate` sets the sampling defaults in generation_config.json."""
+    if cfg.arch != "decoder":
+        raise ValueError(f"only the 'decoder' architecture exports to Llama, got model.arch={cfg.arch!r}")
+    tokenizer_path = Path(tokenizer_path)
+    if tokenizer_path.is_dir():
+        tokenizer_path = tokenizer_path / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    eos_id, pad_id = _token_id(tokenizer, EOS), _token_id(tokenizer, PAD)
+    # Documents are packed as `... <eos> doc <eos> ...`, so EOS is also what precedes a document
+    # start: it doubles as BOS (GPT-2 convention) and HF tools that prepend a BOS stay in-distribution.
+    ids = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
+    hf_config = transformers.LlamaConfig(
+        architectures=["LlamaForCausalLM"],
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=resolve_d_ff(cfg),
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.norm_eps,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+        **ids,
+    )
+    weights = {
+        _hf_name(name): t.detach().to("cpu").contiguous()
+        for name, t in model.state_dict().items()
+        if not (cfg.tie_embeddings and name == "lm_head.weight")  # HF re-ties it from embed_tokens
+    }
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        hf_config.save_pretrained(tmp)
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        # Written by hand rather than by save_pretrained: transformers 5 names its own backend class
+        # there, which transformers 4 cannot load; PreTrainedTokenizerFast loads in both.
+        atomic_write_json(
+            tmp / "tokenizer_config.json",
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": EOS,
+                "eos_token": EOS,
+                "pad_token": PAD,
+                "model_max_length": cfg.max_seq_len,
+                "clean_up_tokenization_spaces": False,
+            },
+        )
+        _generation_config(ids, generate).save_pretrained(tmp)
+    return out_dir
+
+
+def verify_hf_export(
+    model: nn.Module,
+    out_dir: Path,
+    input_ids: torch.Tensor,
+    tokenizer: Tokenizer | None = None,
+    sample_text: str = SAMPLE_TEXT,
+) -> dict[str, Any]:
+    """Load the export with transformers (fp32, local files only) and compare it with `model` on
+    input_ids [B, T], and its tokenizer with `tokenizer` (default: the exported tokenizer.json, which
+    still checks that transformers' wrapper adds nothing of its own). Compare fp32 models for a tight
+    logit bound."""
+    out_dir = Path(out_dir)
+    device = next(model.parameters()).device
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(
+        out_dir, dtype=torch.float32, local_files_only=True, attn_implementation="eager"
+    ).to(device)
+    hf_model.eval()
+    input_ids = input_ids.to(device)
+    with torch.no_grad():
+        ours = model(input_ids).float()
+        theirs = hf_model(input_ids).logits.float()
+    diff = (ours - theirs).abs().max().item()
+
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
+    tokenizer = tokenizer or Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    our_ids = tokenizer.encode(sample_text).ids
+    hf_ids = hf_tokenizer(sample_text)["input_ids"]
+    return {
+        "max_abs_diff": diff,
+        "tokenizer_match": hf_ids == our_ids,
+        "sample_text": sample_text,
+    }
+
+
+def import_hf_llama(src: Path) -> tuple[nn.Module, ModelConfig]:
+    """Load a LlamaForCausalLM directory (safetensors, single or sharded) as our decoder in fp32."""
+    src = Path(src)
+    hf = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    cfg = _model_config(hf, src)
+    state = {}
+    for name, tensor in _read_weights(src).items():
+        if not name.endswith(_IGNORED_HF_KEYS):
+            state[name.removeprefix("model.")] = tensor
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]  # some exports store a copy; HF ignores it
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{src}: weights do not match a Llama model of this config: {e}") from e
+    return model, cfg
+
+
+def _hf_name(name: str) -> str:
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def _token_id(tokenizer: Tokenizer, token: str) -> int:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise ValueError(f"tokenizer has no {token!r} token; exports need it for eos/pad ids")
+    return token_id
+
+
+def _generation_config(ids: dict[str, int], generate: GenerateConfig | None) -> Any:
+    sampling: dict[str, Any] = {}
+    if generate is not None:
+        sampling["max_new_tokens"] = generate.max_new_tokens
+        if generate.temperature > 0:  # our temperature 0 means greedy, HF's means do_sample=False
+            sampling.update(
+                do_sample=True, temperature=generate.temperature, top_k=generate.top_k, top_p=generate.top_p
+            )
+    return transformers.GenerationConfig(**ids, **sampling)
+
+
+def _model_config(hf: dict[str, Any], src: Path) -> ModelConfig:
+    """Our config for an HF Llama config, refusing features our decoder does not implement (rather
+    than importing a model that silently computes something else)."""
+    heads = hf["num_attention_heads"]
+    hidden = hf["hidden_size"]
+    rope = hf.get("rope_parameters") or {}  # transformers 5; older configs keep rope_theta at top level
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    unsupported = {
+        "model_type": (hf.get("model_type") != "llama", hf.get("model_type")),
+        "hidden_act": (hf.get("hidden_act", "silu") != "silu", hf.get("hidden_act")),
+        "attention_bias": (bool(hf.get("attention_bias")), hf.get("attention_bias")),
+        "mlp_bias": (bool(hf.get("mlp_bias")), hf.get("mlp_bias")),
+        "rope_scaling": (hf.get("rope_scaling") is not None, hf.get("rope_scaling")),
+        "rope_parameters.rope_type": (rope_type != "default", rope_type),
+        "head_dim": (hf.get("head_dim") not in (None, hidden // heads), hf.get("head_dim")),
+    }
+    for key, (bad, value) in unsupported.items():
+        if bad:
+            raise ValueError(f"{src}/config.json: {key}={value!r} is not supported by lmforge's decoder")
+    if hidden % heads:
+        raise ValueError(f"{src}/config.json: hidden_size {hidden} is not a multiple of {heads} heads")
+    kv_heads = hf.get("num_key_value_heads") or heads
+    return ModelConfig(
+        arch="decoder",
+        vocab_size=hf["vocab_size"],
+        d_model=hidden,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=0 if kv_heads == heads else kv_heads,
+        d_ff=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta", 10000.0)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+def _read_weights(src: Path) -> dict[str, torch.Tensor]:
+    single, index = src / "model.safetensors", src / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        weights: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            weights.update(load_file(str(src / shard)))
+        return weights
+    raise FileNotFoundError(f"{src}: no model.safetensors or model.safetensors.index.json (.bin is not read)")

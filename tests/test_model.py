@@ -1,0 +1,177 @@
+"""The decoder: attention layouts never leak what they hide, init scales, parameter counts, RoPE layout."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import (
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+from transformers.models.llama.modeling_llama import rotate_half as hf_rotate_half
+
+from lmforge.config import ModelConfig
+from lmforge.models import build_model, count_params, resolve_d_ff
+from lmforge.models.layers import RMSNorm
+from lmforge.models.positions import RotaryEmbedding, apply_rotary, rotate_half
+from lmforge.objectives.base import AttentionLayout
+
+VOCAB = 97
+# A larger init than training's 0.02 makes one token's influence on other positions plainly visible.
+TINY = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, init_std=0.1)
+
+
+def tiny(**overrides: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(**{**TINY, **overrides})).eval()
+
+
+MODELS = {"mha": tiny(), "gqa": tiny(n_kv_heads=2)}
+
+
+def logits_with(model: torch.nn.Module, ids: torch.Tensor, layout: AttentionLayout | None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids, layout)
+
+
+def changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-position flag [B, T]: the logits there differ."""
+    return (a - b).abs().amax(-1) > 1e-5
+
+
+@pytest.mark.parametrize("heads", ["mha", "gqa"])
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_perturbing_a_token_never_changes_earlier_logits(heads: str, data: st.DataObject) -> None:
+    seq_len = data.draw(st.integers(2, 24), label="seq_len")
+    p = data.draw(st.integers(1, seq_len - 1), label="p")
+    ids = data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=seq_len, max_size=seq_len), label="ids")
+    new = data.draw(st.integers(0, VOCAB - 1).filter(lambda t: t != ids[p]), label="new")
+    # doc_ids all equal still routes attention through the explicit boolean-mask path.
+    layout = data.draw(
+        st.sampled_from([None, AttentionLayout("causal", doc_ids=torch.zeros(1, seq_len, dtype=torch.long))]),
+        label="layout",
+    )
+    before = torch.tensor([ids])
+    after = before.clone()
+    after[0, p] = new
+    a = logits_with(MODELS[heads], before, layout)
+    b = logits_with(MODELS[heads], after, layout)
+    assert_close(a[:, :p], b[:, :p], rtol=0, atol=1e-6)
+    assert changed(a, b)[0, p:].all(), "the perturbed token must reach itself and later positions"
+
+
+def test_doc_ids_keep_attention_inside_documents() -> None:
+    model = MODELS["gqa"]
+    torch.manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    # Row 0: documents [0, 5) and [5, 12); row 1: [0, 8) and [8, 12).
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [3] * 8 + [4] * 4])
+    layout = AttentionLayout("causal", doc_ids=doc_ids)
+    perturbed = ids.clone()
+    perturbed[:, 3] = (ids[:, 3] + 1) % VOCAB
+    hit = changed(logits_with(model, ids, layout), logits_with(model, perturbed, layout))
+    assert hit[0].tolist() == [False] * 3 + [True] * 2 + [False] * 7
+    assert hit[1].tolist() == [False] * 3 + [True] * 5 + [False] * 4
+
+
+def test_prefix_layout_sees_whole_prefix_but_not_beyond() -> None:
+    model = MODELS["mha"]
+    torch.manual_seed(2)
+    ids = torch.randint(0, VOCAB, (2, 10))
+    layout = AttentionLayout("prefix", prefix_len=torch.tensor([4, 6]))
+
+    def hit_by(pos: int) -> list[list[bool]]:
+        perturbed = ids.clone()
+        perturbed[:, pos] = (ids[:, pos] + 1) % VOCAB
+        return changed(logits_with(model, ids, layout), logits_with(model, perturbed, layout)).tolist()
+
+    # Inside the prefix every position sees every prefix token, also later ones.
+    assert hit_by(3) == [[True] * 10, [True] * 10]
+    # Position 5 is in row 1's prefix only; after the prefix attention is causal again.
+    assert hit_by(5) == [[False] * 5 + [True] * 5, [True] * 10]
+    assert hit_by(7) == [[False] * 7 + [True] * 3, [False] * 7 + [True] * 3]
+
+
+def test_init_std_scales_residual_projections() -> None:
+    cfg = ModelConfig(vocab_size=512, d_model=256, n_layers=4, n_heads=4, init_std=0.02)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    residual = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+            continue
+        want = residual if name.endswith(("o_proj.weight", "down_proj.weight")) else cfg.init_std
+        assert p.std().item() == pytest.approx(want, rel=0.03), name
+        assert abs(p.mean().item()) < want * 0.05, name
+
+
+def test_tied_embeddings_share_storage() -> None:
+    tied, untied = tiny(tie_embeddings=True), tiny(tie_embeddings=False)
+    assert tied.lm_head.weight.data_ptr() == tied.embed_tokens.weight.data_ptr()
+    assert untied.lm_head.weight.data_ptr() != untied.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        tied.embed_tokens.weight[5].zero_()
+    assert tied.lm_head.weight[5].abs().sum() == 0
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("n_kv_heads", [0, 2])
+def test_param_count_matches_formula(tie: bool, n_kv_heads: int) -> None:
+    cfg = ModelConfig(**{**TINY, "tie_embeddings": tie, "n_kv_heads": n_kv_heads, "d_ff": 80})
+    d, head_dim, kv = cfg.d_model, cfg.d_model // cfg.n_heads, n_kv_heads or cfg.n_heads
+    per_layer = 2 * d * d + 2 * d * kv * head_dim + 3 * d * cfg.d_ff + 2 * d
+    embeddings = cfg.vocab_size * d * (1 if tie else 2)
+    model = build_model(cfg)
+    assert count_params(model) == embeddings + cfg.n_layers * per_layer + d
+    assert count_params(model, non_embedding=True) == cfg.n_layers * per_layer + d
+
+
+def test_resolve_d_ff() -> None:
+    assert resolve_d_ff(ModelConfig(d_model=64)) == 192
+    assert resolve_d_ff(ModelConfig(d_model=4096)) == 10944  # 10922.7 rounded up
+    assert resolve_d_ff(ModelConfig(d_model=768)) == 2048  # exact: no rounding
+    assert resolve_d_ff(ModelConfig(d_model=64, d_ff=100)) == 100
+
+
+def test_build_model_errors_are_clear() -> None:
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_model(ModelConfig())
+    with pytest.raises(KeyError, match="unknown architecture 'nope'"):
+        build_model(ModelConfig(arch="nope", vocab_size=10))
+
+
+def test_rope_matches_transformers_llama() -> None:
+    head_dim, seq_len, theta = 16, 37, 500.0
+    hf_rope = LlamaRotaryEmbedding(
+        LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=theta, max_position_embeddings=64)
+    )
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, seq_len, head_dim), torch.randn(2, 2, seq_len, head_dim)
+    hf_cos, hf_sin = hf_rope(q, torch.arange(seq_len)[None].expand(2, -1))
+    hf_q, hf_k = apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
+
+    rope = RotaryEmbedding(head_dim, theta)
+    rope(seq_len + 20, q.device)  # a longer table cached first must give the same leading rows
+    cos, sin = rope(seq_len, q.device)
+    assert_close(apply_rotary(q, cos, sin), hf_q, rtol=0, atol=1e-6)
+    assert_close(apply_rotary(k, cos, sin), hf_k, rtol=0, atol=1e-6)
+    assert torch.equal(rotate_half(q), hf_rotate_half(q))
+
+
+def test_rmsnorm_matches_transformers_in_bf16() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 32).to(torch.bfloat16) * 7
+    ours, theirs = RMSNorm(32, 1e-5), LlamaRMSNorm(32, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(32))
+        theirs.weight.copy_(ours.weight)
+    assert torch.equal(ours(x), theirs(x))
