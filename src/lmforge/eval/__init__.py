@@ -1,1 +1,1 @@
-"""eval"""
+"""Evaluation: perplexity, bits-per-byte, generation."""

@@ -1,1 +1,1 @@
-"""train"""
+"""Stage: training loop, optimizers, schedules, checkpoints, metrics."""

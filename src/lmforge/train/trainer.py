@@ -1,0 +1,171 @@
+"""The training loop: micro-batches -> objective -> loss -> clipped optimizer step -> checkpoints.
+
+Everything that decides the next step (weights, optimizer moments, loader position, RNG, step)
+is in the checkpoint, and per-step randomness is derived from (seed, step), so a resumed run
+continues the same loss curve as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lmforge.config import RunConfig, to_dict
+from lmforge.objectives.base import Objective, masked_cross_entropy
+from lmforge.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from lmforge.train.metrics import MetricsLog
+from lmforge.train.optim import build_optimizer
+from lmforge.train.schedules import SCHEDULES
+
+
+class BatchSource(Protocol):
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    final_step: int
+    tokens_seen: int
+    losses: dict[int, float] = field(default_factory=dict)  # step (1-based) -> mean loss, this process only
+    resumed_from: int = 0
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: nn.Module,
+        loader: BatchSource,
+        objective: Objective,
+        ckpt_dir: Path,
+        metrics_path: Path,
+        progress: bool = True,
+    ):
+        self.cfg, self.tc = cfg, cfg.train
+        self.device = resolve_device(self.tc.device)
+        self.model = model.to(self.device)
+        self.loader = loader
+        self.objective = objective
+        self.ckpt_dir = Path(ckpt_dir)
+        self.metrics = MetricsLog(metrics_path)
+        self.progress = progress
+        self.optimizer = build_optimizer(self.model, self.tc)
+        self.schedule = SCHEDULES.build(
+            self.tc.schedule, where="train", lr=self.tc.lr, warmup_steps=self.tc.warmup_steps,
+            max_steps=self.tc.max_steps, min_lr_ratio=self.tc.min_lr_ratio,
+        )
+        self.step = 0
+        self.tokens_seen = 0
+
+    # ------------------------------------------------------------------ state
+
+    def maybe_resume(self) -> int:
+        latest = find_latest(self.ckpt_dir) if self.tc.resume else None
+        if latest is None:
+            return 0
+        state = load_checkpoint(latest, self.model, self.optimizer)
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.metrics.truncate_after(self.step)
+        return self.step
+
+    def save(self) -> Path:
+        state = {
+            "tokens_seen": self.tokens_seen,
+            "loader": self.loader.state_dict(),
+            "config": to_dict(self.cfg),
+        }
+        return save_checkpoint(
+            self.ckpt_dir, self.step, self.model, self.optimizer, state, keep=self.tc.keep_checkpoints
+        )
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self, stop_after: int | None = None) -> TrainResult:
+        """Train to train.max_steps (or stop after `stop_after` steps, to simulate an interruption)."""
+        resumed = self.maybe_resume()
+        result = TrainResult(self.step, self.tokens_seen, resumed_from=resumed)
+        if self.step == 0:
+            self.metrics.truncate_after(0)
+        bar = tqdm(
+            total=self.tc.max_steps, initial=self.step, desc="train", unit="step",
+            disable=not self.progress, dynamic_ncols=True,
+        )
+        t_last, tokens_last = time.perf_counter(), self.tokens_seen
+        self.model.train()
+        while self.step < self.tc.max_steps:
+            record = self.train_step()
+            result.losses[self.step] = record["loss"]
+            if self.step % self.tc.log_every == 0 or self.step == self.tc.max_steps:
+                now = time.perf_counter()
+                record["tokens_per_s"] = (self.tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+                t_last, tokens_last = now, self.tokens_seen
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+            self.metrics.write(record)
+            bar.update(1)
+            if self.step % self.tc.checkpoint_every == 0 or self.step == self.tc.max_steps:
+                self.save()
+            if stop_after is not None and self.step >= stop_after:
+                break
+        bar.close()
+        result.final_step, result.tokens_seen = self.step, self.tokens_seen
+        return result
+
+    def train_step(self) -> dict[str, Any]:
+        lr = self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = self.tc.grad_accum
+        total = 0.0
+        for micro in range(accum):
+            tokens, doc_ids = self.loader.next_batch()
+            rng = np.random.default_rng([self.cfg.seed, self.step, micro])
+            ex = self.objective(tokens, doc_ids, rng).to(self.device)
+            with self._autocast():
+                logits = self.model(ex.input_ids, ex.layout)
+            loss = masked_cross_entropy(logits, ex.labels, ex.loss_mask)
+            (loss / accum).backward()
+            total += loss.item()
+            self.tokens_seen += int(ex.input_ids.numel())
+        loss_value = total / accum
+        if not math.isfinite(loss_value):
+            raise NonFiniteLoss(
+                f"loss is {loss_value} at step {self.step + 1}; last good checkpoint is in {self.ckpt_dir}"
+            )
+        grad_norm = (
+            float(nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip))
+            if self.tc.grad_clip > 0
+            else float("nan")
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen}
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.tc.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
