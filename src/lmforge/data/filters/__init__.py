@@ -1,1 +1,37 @@
-"""data/filters"""
+"""Document filters: rules registered by name and built from recipe entries.
+
+A recipe entry is `{name: <rule>, sources: [..] (optional), <rule options>}`; `build_filter` turns
+it into a pipeline step and names the exact recipe key (`data.filters[i].<key>`) on any error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmforge.config import ConfigError
+from lmforge.data.filters import seeds_rules  # noqa: F401 - imported to register its rules
+from lmforge.data.filters.base import FILTERS, Filter, FilterStep, OptionError, Transform
+
+__all__ = ["FILTERS", "Filter", "FilterStep", "Transform", "build_filter"]
+
+
+def build_filter(spec: dict[str, Any], index: int) -> FilterStep:
+    where = f"data.filters[{index}]"
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: expected a mapping like {{name: min_words}}, got {spec!r}")
+    options = dict(spec)
+    name = options.pop("name", None)
+    if not isinstance(name, str) or name not in FILTERS:
+        raise ConfigError(f"{where}.name: unknown filter {name!r}; known: {', '.join(FILTERS.names())}")
+    sources = options.pop("sources", None)
+    if isinstance(sources, str):
+        sources = [sources]
+    if sources is not None and not (isinstance(sources, list) and all(isinstance(s, str) for s in sources)):
+        raise ConfigError(f"{where}.sources: expected a list of source labels, got {sources!r}")
+    try:
+        rule = FILTERS.build(name, where=where, **options)
+    except OptionError as e:
+        raise ConfigError(f"{where}.{e}") from e
+    except ValueError as e:  # unknown option: Registry.build already names where and key
+        raise ConfigError(str(e)) from e
+    return FilterStep(rule, sources)

@@ -1,0 +1,369 @@
+"""Readers for user inputs, and the writer/reader of the data stage's own shards.
+
+Bad input never stops a run and never vanishes: a record that cannot become a Document is a
+"read"-step removal with reason "quarantine" and the file and line, so it shows up in the ledger
+and in removed.jsonl like any filtered document.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+from lmforge.config import InputConfig
+from lmforge.data.document import Document
+from lmforge.data.ledger import Ledger
+
+READ_STEP = "read"
+PARQUET_BATCH_ROWS = 1024
+SHARD_GLOB = "shard-*.jsonl.zst"
+_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
+# Errors a damaged file raises part-way through reading (truncated gzip, corrupt zstd frame, ...).
+_UNREADABLE = (OSError, EOFError, zstandard.ZstdError)
+
+
+# ---------------------------------------------------------------- locating and opening files
+
+
+def input_files(spec: InputConfig) -> list[Path]:
+    """The files of one input in a stable order: the file, a directory's files (recursive,
+    sorted, dot-files skipped), or a glob's matches (sorted)."""
+    path = Path(spec.path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(
+            f for f in path.rglob("*")
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
+        )
+    else:
+        files = sorted(Path(m) for m in glob.glob(spec.path, recursive=True) if Path(m).is_file())
+    if not files:
+        raise FileNotFoundError(f"input {spec.path!r} matches no files")
+    return files
+
+
+def _without_compression(name: str) -> str:
+    for suffix in _COMPRESSED_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def file_stem(path: Path) -> str:
+    """`corpus` for corpus.jsonl, corpus.jsonl.gz and corpus.jsonl.zst alike."""
+    return Path(_without_compression(path.name)).stem
+
+
+def detect_format(path: Path, declared: str = "auto") -> str:
+    if declared != "auto":
+        return declared
+    name = _without_compression(path.name).lower()
+    if name.endswith(_JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "text"
+
+
+class _ZstdReader(io.RawIOBase):
+    """Every frame of a .zst file, raising EOFError if the file ends inside a frame.
+
+    zstandard's own stream_reader returns a truncated file's prefix without any error, which
+    would drop the tail of a damaged file silently; it also stops at the first frame by default,
+    and `cat a.zst b.zst` or multi-threaded zstd produce several.
+    """
+
+    def __init__(self, path: Path, read_size: int = 1 << 17):
+        self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._dctx = zstandard.ZstdDecompressor()
+        self._dobj = self._dctx.decompressobj()
+        self._in_frame = False
+        self._read_size = read_size
+        self._out = b""
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._pos == len(self._out):
+            chunk = self._file.read(self._read_size)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("zstd data ends inside a frame: the file is truncated")
+                return 0
+            self._out, self._pos = self._decompress(chunk), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = self._out[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        parts = []
+        while chunk:
+            self._in_frame = True
+            parts.append(self._dobj.decompress(chunk))
+            if not self._dobj.eof:
+                break
+            chunk = self._dobj.unused_data  # the start of the next frame, if any
+            self._dobj = self._dctx.decompressobj()
+            self._in_frame = False
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def open_binary(path: Path) -> IO[bytes]:
+    """Open for reading, decompressing .gz and .zst transparently; iterating yields lines."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith((".zst", ".zstd")):
+        return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 16)
+    return open(path, "rb")
+
+
+# ---------------------------------------------------------------- reading user inputs
+
+
+def iter_input(spec: InputConfig, ledger: Ledger) -> Iterator[Document]:
+    """Documents of one input, accounting every record under the ledger's "read" step."""
+    root = Path(spec.path)
+    for path in input_files(spec):
+        fmt = detect_format(path, spec.format)
+        if fmt == "jsonl":
+            yield from _read_jsonl(path, spec, ledger)
+        elif fmt == "parquet":
+            yield from _read_parquet(path, spec, ledger)
+        else:
+            doc_id = path.relative_to(root).as_posix() if root.is_dir() else path.name
+            yield from _read_text(path, doc_id, spec, ledger)
+
+
+def count_read(ledger: Ledger, doc: Document) -> Document:
+    """Account a successfully read document under the "read" step."""
+    n = doc.n_bytes
+    ledger.count_in(READ_STEP, doc.source, n)
+    ledger.count_kept(READ_STEP, doc.source, n)
+    return doc
+
+
+def _quarantine(
+    ledger: Ledger, doc_id: str, source: str, path: Path, line: int | None, problem: str, n_bytes: int
+) -> None:
+    ledger.count_in(READ_STEP, source, n_bytes)
+    detail = {"file": str(path), "line": line, "problem": problem}
+    ledger.record_removed(doc_id, READ_STEP, "quarantine", detail, source=source, n_bytes=n_bytes)
+
+
+def _record_to_doc(rec: Any, spec: InputConfig, default_id: str, stem: str) -> Document | tuple[str, str, str]:
+    """A Document, or (id, source, problem) for a record that cannot become one."""
+    if not isinstance(rec, dict):
+        return default_id, spec.source or stem, f"record is a JSON {type(rec).__name__}, not an object"
+    raw_id, rec_source = rec.get(spec.id_key), rec.get("source")
+    doc_id = default_id if raw_id is None else str(raw_id)
+    use_rec_source = spec.source is None and isinstance(rec_source, str) and rec_source != ""
+    source = spec.source or (rec_source if use_rec_source else stem)
+    text = rec.get(spec.text_key)
+    if not isinstance(text, str):
+        return doc_id, source, f"no string {spec.text_key!r} field (got {type(text).__name__})"
+    # The record's own `source` stays in meta when something else labelled the document.
+    skip = {spec.text_key, spec.id_key} | ({"source"} if use_rec_source else set())
+    meta = {k: v for k, v in rec.items() if k not in skip}
+    return Document(id=doc_id, text=text, source=source, meta=meta)
+
+
+# The two generators below turn a damaged file into a final (position, problem) item instead of an
+# exception, so the except clause covers only the file reading, not the ledger writes of the caller.
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, bytes | str]]:
+    """(line number, raw line) for non-blank lines; a damaged file ends with (line, problem)."""
+    line_no = 0
+    try:
+        with open_binary(path) as f:
+            for line_no, raw in enumerate(f, 1):
+                if raw.strip():
+                    yield line_no, raw
+    except _UNREADABLE as e:
+        yield line_no + 1, f"unreadable from this line on: {type(e).__name__}: {e}"
+
+
+def _parquet_rows(path: Path, text_key: str) -> Iterator[tuple[int | None, dict[str, Any] | str]]:
+    """(1-based row number, row) in batches; problems as in `_jsonl_lines` (None: the whole file)."""
+    row = 0
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        if text_key not in names:
+            yield None, f"no column {text_key!r}; columns: {', '.join(names)}"
+            return
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for rec in batch.to_pylist():
+                row += 1
+                yield row, rec
+    except (*_UNREADABLE, pa.ArrowException) as e:
+        yield row + 1, f"unreadable parquet from this row on: {type(e).__name__}: {e}"
+
+
+def _read_jsonl(path: Path, spec: InputConfig, ledger: Ledger) -> Iterator[Document]:
+    stem = file_stem(path)
+    for line_no, raw in _jsonl_lines(path):
+        default_id = f"{stem}:{line_no}"
+        if isinstance(raw, str):
+            _quarantine(ledger, default_id, spec.source or stem, path, line_no, raw, 0)
+            continue
+        try:
+            rec = json.loads(raw)
+        except ValueError as e:  # UnicodeDecodeError included: the line is not UTF-8
+            _quarantine(ledger, default_id, spec.source or stem, path, line_no, f"invalid JSON: {e}", len(raw))
+            continue
+        doc = _record_to_doc(rec, spec, default_id, stem)
+        if isinstance(doc, Document):
+            yield count_read(ledger, doc)
+        else:
+            _quarantine(ledger, doc[0], doc[1], path, line_no, doc[2], len(raw))
+
+
+def _read_parquet(path: Path, spec: InputConfig, ledger: Ledger) -> Iterator[Document]:
+    """A row's "line" in the ledger is its 1-based row number."""
+    stem = file_stem(path)
+    for row, rec in _parquet_rows(path, spec.text_key):
+        default_id = stem if row is None else f"{stem}:{row}"
+        if isinstance(rec, str):
+            _quarantine(ledger, default_id, spec.source or stem, path, row, rec, 0)
+            continue
+        doc = _record_to_doc(rec, spec, default_id, stem)
+        if isinstance(doc, Document):
+            yield count_read(ledger, doc)
+        else:
+            _quarantine(ledger, doc[0], doc[1], path, row, doc[2], 0)
+
+
+def _read_text(path: Path, doc_id: str, spec: InputConfig, ledger: Ledger) -> Iterator[Document]:
+    """One document per file."""
+    source = spec.source or file_stem(path)
+    try:
+        with open_binary(path) as f:
+            data = f.read()
+    except _UNREADABLE as e:
+        _quarantine(ledger, doc_id, source, path, None, f"unreadable: {type(e).__name__}: {e}", 0)
+        return
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        _quarantine(ledger, doc_id, source, path, None, f"not UTF-8 text: {e}", len(data))
+        return
+    yield count_read(ledger, Document(id=doc_id, text=text, source=source))
+
+
+# ---------------------------------------------------------------- our own shards
+
+
+class ShardWriter:
+    """Writes `shard-00000.jsonl.zst`, ... with `docs_per_shard` documents each.
+
+    Each shard streams into a hidden temporary file and is renamed into place when complete, so a
+    reader never sees a partial shard. Refuses a directory that already holds shards, because
+    mixing two runs' shards would silently duplicate or resurrect documents.
+    """
+
+    def __init__(self, out_dir: Path, docs_per_shard: int, level: int = 3):
+        if docs_per_shard <= 0:
+            raise ValueError(f"docs_per_shard must be > 0, got {docs_per_shard}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if any(self.out_dir.glob(SHARD_GLOB)):
+            raise FileExistsError(f"{self.out_dir} already holds shards; write to an empty directory")
+        self.docs_per_shard = docs_per_shard
+        self.paths: list[Path] = []
+        self.n_docs = 0
+        self._cctx = zstandard.ZstdCompressor(level=level)
+        self._raw: IO[bytes] | None = None
+        self._sink: Any = None
+        self._tmp: Path | None = None
+        self._in_shard = 0
+
+    def write(self, doc: Document) -> None:
+        if self._sink is None:
+            self._tmp = self.out_dir / f".shard-{len(self.paths):05d}.jsonl.zst.tmp"
+            self._raw = open(self._tmp, "wb")  # noqa: SIM115 - closed in _commit/_abort
+            self._sink = self._cctx.stream_writer(self._raw, closefd=False)
+        # default=str: parquet meta can hold dates or decimals that JSON has no type for.
+        line = json.dumps(doc.to_json(), ensure_ascii=False, default=str) + "\n"
+        self._sink.write(line.encode("utf-8"))
+        self.n_docs += 1
+        self._in_shard += 1
+        if self._in_shard == self.docs_per_shard:
+            self._commit()
+
+    def _commit(self) -> None:
+        assert self._raw is not None and self._tmp is not None
+        self._sink.close()
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+        final = self.out_dir / f"shard-{len(self.paths):05d}.jsonl.zst"
+        os.replace(self._tmp, final)
+        self.paths.append(final)
+        self._sink = self._raw = self._tmp = None
+        self._in_shard = 0
+
+    def _abort(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+        self._sink = self._raw = self._tmp = None
+
+    def close(self) -> None:
+        if self._sink is not None:
+            self._commit()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abort()
+
+
+def shard_paths(where: str | Path) -> list[Path]:
+    """Shards of a directory (in order), a single shard file, or a glob's matches (sorted)."""
+    path = Path(where)
+    if path.is_dir():
+        return sorted(path.glob(SHARD_GLOB))
+    if path.is_file():
+        return [path]
+    matches = sorted(Path(m) for m in glob.glob(str(where), recursive=True) if Path(m).is_file())
+    if not matches:
+        raise FileNotFoundError(f"no shards at {str(where)!r}")
+    return matches
+
+
+def read_documents(where: str | Path) -> Iterator[Document]:
+    """Documents written by ShardWriter, shard by shard in order."""
+    for path in shard_paths(where):
+        with open_binary(path) as f:
+            for line in f:
+                rec = json.loads(line)
+                yield Document(id=rec["id"], text=rec["text"], source=rec["source"], meta=rec.get("meta", {}))

@@ -1,0 +1,289 @@
+"""The data stage end to end: accounting, split, outputs, failure behaviour."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lmforge.config import BuiltinCorpusConfig, ConfigError, DataConfig, InputConfig
+from lmforge.data.document import Document
+from lmforge.data.io import read_documents
+from lmforge.data.ledger import Ledger, LedgerMismatch
+from lmforge.data.pipeline import DataStageError, run_data_stage, run_step, split_key
+
+FILTERS = [
+    {"name": "strip_html", "sources": ["web"]},
+    {"name": "min_words", "min_words": 25},
+    {"name": "symbol_ratio", "max_ratio": 0.1, "sources": ["web"]},
+    {"name": "stop_words"},
+    {"name": "min_upvotes"},
+]
+
+
+def prose(k: int) -> str:
+    """A unique, clean ~30-word English paragraph."""
+    return f"Paragraph {k} is about the art of cleaning data, and it has words " + " ".join(
+        f"token{k}x{j}" for j in range(20)
+    )
+
+
+def write_jsonl(path: Path, lines: list[str]) -> None:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def rec(**kw) -> str:
+    return json.dumps(kw, ensure_ascii=False)
+
+
+def kept_docs(out: Path) -> tuple[list[Document], list[Document]]:
+    return list(read_documents(out / "train")), list(read_documents(out / "val"))
+
+
+def removed_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "removed.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def assert_ledger_invariants(ledger: dict) -> None:
+    counts, steps = ledger["counts"], ledger["steps"]
+    sources = {s for by_source in counts.values() for s in by_source}
+    zero = {"docs_in": 0, "docs_kept": 0, "docs_removed": 0}
+    for i, step in enumerate(steps):
+        for source in sources:
+            c = counts.get(step, {}).get(source, zero)
+            assert c["docs_in"] == c["docs_kept"] + c["docs_removed"], (step, source)
+            if i:
+                assert c["docs_in"] == counts.get(steps[i - 1], {}).get(source, zero)["docs_kept"], (step, source)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def make_corpus(tmp_path: Path) -> tuple[DataConfig, dict[str, Document]]:
+    """A small corpus with a known fate for every record; returns the config and the expected kept docs."""
+    lines, expected = [], {}
+    for k in range(30):
+        lines.append(rec(id=f"good{k}", text=prose(k), source="books"))
+        expected[f"good{k}"] = Document(f"good{k}", prose(k), "books")
+    lines.append(rec(id="short", text="the tiny doc", source="books"))
+    lines.append(rec(id="dup", text="  " + prose(3).replace(" ", "\n"), source="books"))
+    lines.append(rec(id="hashy", text=prose(99) + " #" * 5, source="web"))
+    lines.append(rec(id="nostop", text=" ".join(f"w{j}" for j in range(40)), source="books"))
+    lines.append(rec(id="lowvotes", text=prose(98), source="forum", upvotes=1))
+    lines.append(rec(id="votes", text=prose(97), source="forum", upvotes=9))
+    expected["votes"] = Document("votes", prose(97), "forum", {"upvotes": 9})
+    lines.append(rec(id="html", text=f"<div><p>{prose(96)}</p></div>", source="web"))
+    expected["html"] = Document("html", prose(96), "web")
+    lines.append("{broken json")
+    write_jsonl(tmp_path / "corpus.jsonl", lines)
+    # Chinese: 30 characters with stop words survive min_words; 20 do not.
+    zh_ok = "我们的数据清洗流程是在预训练之前完成的也有很多步骤和细节需要注意"
+    write_jsonl(tmp_path / "zh.jsonl", [rec(id="zh_ok", text=zh_ok), rec(id="zh_short", text=zh_ok[:20])])
+    expected["zh_ok"] = Document("zh_ok", zh_ok, "zh")
+    cfg = DataConfig(
+        inputs=[InputConfig(path=str(tmp_path / "corpus.jsonl")), InputConfig(path=str(tmp_path / "zh.jsonl"))],
+        filters=FILTERS, val_fraction=0.2, docs_per_shard=7,
+    )
+    return cfg, expected
+
+
+def test_run_data_stage_end_to_end(tmp_path):
+    cfg, expected = make_corpus(tmp_path)
+    out = tmp_path / "out"
+    summary = run_data_stage(cfg, out, seed=3, progress=False)
+    train, val = kept_docs(out)
+    assert sorted(train + val, key=lambda d: d.id) == sorted(expected.values(), key=lambda d: d.id)
+    assert len(list((out / "train").glob("shard-*.jsonl.zst"))) == -(-len(train) // cfg.docs_per_shard)
+
+    reasons = {r["id"]: (r["step"], r["reason"]) for r in removed_records(out)}
+    assert reasons == {
+        "short": ("min_words", "words=3<25"),
+        "zh_short": ("min_words", "words=20<25"),
+        "dup": ("exact_dedup", "duplicate"),
+        "hashy": ("symbol_ratio", "symbol_ratio=0.152>0.1"),  # 5 hashes / 33 words
+        "nostop": ("stop_words", "stop_words=0<1"),
+        "lowvotes": ("min_upvotes", "upvotes=1<3"),
+        "corpus:38": ("read", "quarantine"),
+    }
+    assert summary["docs_in"] == 40 and summary["docs_kept"] == len(expected) and summary["docs_removed"] == 7
+    assert summary["train_docs"] == len(train) and summary["val_docs"] == len(val) and val and train
+    assert summary["bytes_kept"] == sum(d.n_bytes for d in expected.values())
+    assert summary["per_source"]["forum"] == {
+        "docs_in": 2, "docs_kept": 1, "docs_removed": 1,
+        "bytes_in": len(prose(98)) + len(prose(97)), "bytes_kept": len(prose(97)), "bytes_removed": len(prose(98)),
+        "train_docs": sum(d.source == "forum" for d in train), "val_docs": sum(d.source == "forum" for d in val),
+    }
+    on_disk = json.loads((out / "ledger.json").read_text())
+    assert on_disk == summary["ledger"]
+    assert on_disk["steps"] == ["read", "strip_html", "min_words", "symbol_ratio", "stop_words", "min_upvotes",
+                                "exact_dedup"]
+    assert on_disk["counts"]["strip_html"]["web"]["bytes_kept"] < on_disk["counts"]["strip_html"]["web"]["bytes_in"]
+    assert_ledger_invariants(on_disk)
+    assert "min_words" in summary["table"] and "forum" in summary["table"]
+
+
+def test_split_is_deterministic_per_seed_and_disjoint(tmp_path):
+    lines = [rec(id=f"d{k}", text=prose(k)) for k in range(200)]
+    write_jsonl(tmp_path / "c.jsonl", lines)
+    cfg = DataConfig(inputs=[InputConfig(path=str(tmp_path / "c.jsonl"))], val_fraction=0.2)
+
+    def split(seed: int, name: str) -> tuple[list[str], list[str]]:
+        run_data_stage(cfg, tmp_path / name, seed=seed, progress=False)
+        train, val = kept_docs(tmp_path / name)
+        return [d.id for d in train], [d.id for d in val]
+
+    train1, val1 = split(1, "a")
+    assert split(1, "b") == (train1, val1)
+    assert not set(train1) & set(val1) and len(train1) + len(val1) == 200
+    assert set(val1) == {f"d{k}" for k in range(200) if split_key(f"d{k}", 1) < 0.2}
+    assert 20 <= len(val1) <= 60
+    _, val2 = split(2, "c")
+    assert set(val2) != set(val1)
+
+
+def test_split_guarantees_a_val_and_a_train_doc(tmp_path):
+    ids = [f"tiny{k}" for k in range(3)]
+    assert all(split_key(i, 0) >= 0.01 for i in ids), "precondition: hashing alone puts nothing in val"
+    write_jsonl(tmp_path / "c.jsonl", [rec(id=i, text=prose(k)) for k, i in enumerate(ids)])
+    cfg = DataConfig(inputs=[InputConfig(path=str(tmp_path / "c.jsonl"))], val_fraction=0.01)
+    summary = run_data_stage(cfg, tmp_path / "out", seed=0, progress=False)
+    train, val = kept_docs(tmp_path / "out")
+    assert (summary["train_docs"], summary["val_docs"]) == (2, 1)
+    assert [d.id for d in val] == [min(ids, key=lambda i: split_key(i, 0))], "the most val-like doc moves"
+    assert sorted(d.id for d in train + val) == ids
+
+
+def test_too_few_documents_raise_and_keep_previous_outputs(tmp_path):
+    write_jsonl(tmp_path / "good.jsonl", [rec(id=f"g{k}", text=prose(k)) for k in range(10)])
+    out = tmp_path / "out"
+    run_data_stage(DataConfig(inputs=[InputConfig(path=str(tmp_path / "good.jsonl"))]), out, 0, progress=False)
+    before = kept_docs(out)
+    write_jsonl(tmp_path / "one.jsonl", [rec(id="only", text=prose(1)), rec(id="short", text="the end")])
+    with pytest.raises(DataStageError, match="only one document"):
+        run_data_stage(DataConfig(inputs=[InputConfig(path=str(tmp_path / "one.jsonl"))]), out, 0, progress=False)
+    assert kept_docs(out) == before
+    assert sorted(p.name for p in out.iterdir()) == ["ledger.json", "removed.jsonl", "train", "val"]
+    with pytest.raises(DataStageError, match="no documents survived"):
+        run_data_stage(DataConfig(inputs=[InputConfig(path=str(tmp_path / "one.jsonl"))], filters=[
+            {"name": "min_words", "min_words": 1000}]), tmp_path / "out2", 0, progress=False)
+    assert not (tmp_path / "out2" / "train").exists()
+
+
+def test_rerun_replaces_shards_without_stale_ones(tmp_path):
+    write_jsonl(tmp_path / "c.jsonl", [rec(id=f"d{k}", text=prose(k)) for k in range(40)])
+    spec = InputConfig(path=str(tmp_path / "c.jsonl"))
+    out = tmp_path / "out"
+    run_data_stage(DataConfig(inputs=[spec], docs_per_shard=2, val_fraction=0.1), out, 0, progress=False)
+    assert len(list((out / "train").iterdir())) > 10
+    write_jsonl(tmp_path / "c.jsonl", [rec(id=f"d{k}", text=prose(k)) for k in range(5)])
+    run_data_stage(DataConfig(inputs=[spec], docs_per_shard=100, val_fraction=0.1), out, 0, progress=False)
+    train, val = kept_docs(out)
+    assert sorted(d.id for d in train + val) == [f"d{k}" for k in range(5)]
+    assert [p.name for p in (out / "train").iterdir()] == ["shard-00000.jsonl.zst"]
+
+
+def test_bad_recipe_fails_before_reading(tmp_path):
+    missing = InputConfig(path=str(tmp_path / "missing.jsonl"))
+    bad = DataConfig(inputs=[missing], filters=[{"name": "min_words"}, {"name": "min_words", "min_wrds": 1}])
+    with pytest.raises(ConfigError, match=r"^data\.filters\[1\]\.min_wrds"):
+        run_data_stage(bad, tmp_path / "out", 0, progress=False)
+    with pytest.raises(ConfigError, match=r"^data\.inputs\[0\]\.path"):
+        run_data_stage(DataConfig(inputs=[missing]), tmp_path / "out", 0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_repeated_filter_names_get_distinct_ledger_rows(tmp_path):
+    write_jsonl(tmp_path / "c.jsonl", [rec(id=f"d{k}", text=prose(k)) for k in range(10)])
+    cfg = DataConfig(inputs=[InputConfig(path=str(tmp_path / "c.jsonl"))],
+                     filters=[{"name": "min_words", "min_words": 5}, {"name": "min_words", "min_words": 10}])
+    summary = run_data_stage(cfg, tmp_path / "out", 0, progress=False)
+    assert summary["ledger"]["steps"] == ["read", "min_words", "min_words#2", "exact_dedup"]
+
+
+def test_builtin_corpus_is_the_default_input(tmp_path):
+    cfg = DataConfig(builtin=BuiltinCorpusConfig(max_prose_bytes=40_000, max_code_bytes=40_000))
+    summary = run_data_stage(cfg, tmp_path / "out", 0, progress=False)
+    assert set(summary["per_source"]) == {"prose", "code"}
+    assert all(row["docs_kept"] > 0 for row in summary["per_source"].values())
+    assert summary["docs_kept"] == summary["train_docs"] + summary["val_docs"]
+
+
+def test_ledger_check_catches_a_step_that_loses_documents():
+    class Lossy:
+        name = "lossy"
+
+        def __call__(self, docs, ledger):
+            for i, d in enumerate(docs):
+                if i % 2 == 0:
+                    yield d
+
+    ledger = Ledger(steps=["lossy"])
+    docs = [Document(str(i), "x", "s") for i in range(4)]
+    assert len(list(run_step(Lossy(), docs, ledger))) == 2
+    with pytest.raises(LedgerMismatch, match="in=4 != kept=2 \\+ removed=0"):
+        ledger.check()
+
+
+def test_ledger_check_catches_a_gap_between_steps():
+    ledger = Ledger(steps=["a", "b"])
+    ledger.count_in("a", "s", 1)
+    ledger.count_kept("a", "s", 1)
+    with pytest.raises(LedgerMismatch, match="step 'b' received 0 docs but step 'a' kept 1"):
+        ledger.check()
+
+
+# ---------------------------------------------------------------- every document is accounted for
+
+TEXTS = [
+    prose(1), prose(2), "the short one", "<p>" + prose(3) + "</p>", prose(4) + " ###### ......",
+    "数据" * 20 + "的", "数据" * 5, " ".join(f"w{j}" for j in range(30)), prose(1) + "  ",
+]
+record = st.one_of(
+    st.fixed_dictionaries(
+        {"text": st.sampled_from(TEXTS), "source": st.sampled_from(["web", "books"])},
+        optional={"upvotes": st.integers(0, 6), "with_id": st.booleans()},
+    ),
+    st.sampled_from(["{bad", '{"text": null}', "[1, 2]"]),
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(records=st.lists(record, max_size=25))
+def test_every_input_document_is_accounted_for(records):
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        lines, input_ids = [], []
+        for k, r in enumerate(records):
+            line_no = k + 1
+            if isinstance(r, str):
+                lines.append(r)
+                input_ids.append(f"c:{line_no}")
+                continue
+            r = dict(r)
+            if r.pop("with_id", True):
+                r["id"] = f"r{k}"
+            lines.append(json.dumps(r))
+            input_ids.append(r.get("id", f"c:{line_no}"))
+        # Two documents that always survive, so the split has something to work with.
+        for k in range(2):
+            lines.append(json.dumps({"id": f"sure{k}", "text": prose(50 + k), "source": "books"}))
+            input_ids.append(f"sure{k}")
+        write_jsonl(tmp_path / "c.jsonl", lines)
+        cfg = DataConfig(inputs=[InputConfig(path=str(tmp_path / "c.jsonl"))], filters=FILTERS, val_fraction=0.3)
+        summary = run_data_stage(cfg, tmp_path / "out", seed=5, progress=False)
+
+        train, val = kept_docs(tmp_path / "out")
+        kept_ids = [d.id for d in train + val]
+        removed = removed_records(tmp_path / "out")
+        assert sorted(kept_ids + [r["id"] for r in removed]) == sorted(input_ids)
+        assert not set(kept_ids) & {r["id"] for r in removed}
+        assert summary["docs_in"] == len(input_ids)
+        assert summary["docs_kept"] == len(kept_ids) and summary["docs_removed"] == len(removed)
+        assert_ledger_invariants(summary["ledger"])
+        for step in summary["ledger"]["steps"]:
+            in_file = sum(r["step"] == step for r in removed)
+            assert in_file == sum(c["docs_removed"] for c in summary["ledger"]["counts"][step].values())
