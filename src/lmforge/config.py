@@ -78,7 +78,7 @@ class TokensConfig:
 class ModelConfig:
     arch: str = "decoder"
     vocab_size: int = 0  # 0 -> taken from the trained tokenizer
-    d_model: int = 256
+    d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 0  # 0 -> n_heads (no grouped-query attention)
@@ -101,7 +101,7 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1
-    max_steps: int = 400
+    max_steps: int = 500
     optimizer: str = "adamw"
     lr: float = 3e-3
     weight_decay: float = 0.1

@@ -1,0 +1,210 @@
+"""One function per pipeline stage. Each reads its section of the run config and files on disk,
+and writes its outputs under `out_dir`, so every stage can be run, resumed and tested alone."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.config import ConfigError, ModelConfig, RunConfig, build, save_config, to_dict
+from lmforge.io_utils import atomic_write_json
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stage reads and writes inside out_dir."""
+
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer" / "tokenizer.json"
+
+    @property
+    def tokens(self) -> Path:
+        return self.root / "tokens"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval.json"
+
+
+def _need(path: Path, stage: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `lmforge {stage}` first (or `lmforge run`)")
+    return path
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def stage_data(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    from lmforge.data.pipeline import run_data_stage
+
+    return run_data_stage(cfg.data, Layout(cfg.out).data, cfg.seed, progress=progress)
+
+
+def stage_tokenizer(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    from lmforge.data.io import read_documents
+    from lmforge.tokenizer.train import train_tokenizer
+
+    lay = Layout(cfg.out)
+    docs = read_documents(_need(lay.data / "train", "data"))
+    tok = train_tokenizer((d.text for d in docs), cfg.tokenizer, lay.tokenizer, progress=progress)
+    return {"path": str(lay.tokenizer), "vocab_size": tok.get_vocab_size()}
+
+
+def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    from lmforge.data.io import read_documents
+    from lmforge.tokenizer.train import load_tokenizer
+    from lmforge.tokens.shards import write_token_shards
+
+    lay = Layout(cfg.out)
+    tok = load_tokenizer(_need(lay.tokenizer, "tokenizer"))
+    out = {}
+    for split in ("train", "val"):
+        docs = read_documents(_need(lay.data / split, "data"))
+        out[split] = write_token_shards(
+            docs, tok, lay.tokenizer, lay.tokens, split, dtype=cfg.tokens.dtype, progress=progress
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def _datasets(lay: Layout) -> tuple[Any, Any]:
+    from lmforge.tokenizer.train import tokenizer_hash
+    from lmforge.tokens.shards import TokenDataset
+
+    _need(lay.tokens, "tokenize")
+    train, val = TokenDataset(lay.tokens, "train"), TokenDataset(lay.tokens, "val")
+    digest = tokenizer_hash(_need(lay.tokenizer, "tokenizer"))
+    train.check_tokenizer(digest)
+    val.check_tokenizer(digest)
+    return train, val
+
+
+def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    from lmforge.models import build_model, count_params
+    from lmforge.objectives import build_objective
+    from lmforge.tokenizer.train import load_tokenizer
+    from lmforge.tokens.loader import PackedLoader
+    from lmforge.train.checkpoint import find_latest, read_state
+    from lmforge.train.trainer import Trainer
+
+    lay = Layout(cfg.out)
+    train_ds, _ = _datasets(lay)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = load_tokenizer(lay.tokenizer).get_vocab_size()
+    latest = find_latest(lay.checkpoints) if cfg.train.resume else None
+    if latest is not None and read_state(latest)["config"]["model"] != to_dict(cfg.model):
+        raise ConfigError(
+            f"{latest} was trained with another model config; use a new out_dir or train.resume=false"
+        )
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    objective = build_objective(cfg.objective.name, **cfg.objective.options)
+    loader = PackedLoader(train_ds, objective.window(cfg.train.seq_len), cfg.train.batch_size, cfg.seed)
+    save_config(cfg, cfg.out / "config.yaml")
+    trainer = Trainer(cfg, model, loader, objective, lay.checkpoints, lay.metrics, progress=progress)
+    t0 = time.perf_counter()
+    result = trainer.fit(stop_after=stop_after)
+    seconds = time.perf_counter() - t0
+    return {
+        "params": count_params(model),
+        "steps": result.final_step,
+        "resumed_from": result.resumed_from,
+        "tokens_seen": result.tokens_seen,
+        "final_train_loss": result.losses[max(result.losses)] if result.losses else None,
+        "seconds": seconds,
+        "checkpoint": str(find_latest(lay.checkpoints)),
+    }
+
+
+def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, ModelConfig, Path]:
+    """The model of `eval.checkpoint` (default: the latest), built from the config saved with it."""
+    from lmforge.models import build_model
+    from lmforge.train.checkpoint import find_latest, load_weights, read_state
+
+    lay = Layout(cfg.out)
+    ckpt = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else find_latest(lay.checkpoints)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in {lay.checkpoints}: run `lmforge train` first")
+    model_cfg = build(ModelConfig, read_state(_need(ckpt, "train"))["config"]["model"], "model")
+    model = build_model(model_cfg)
+    load_weights(ckpt, model)
+    return model.eval(), model_cfg, ckpt
+
+
+# ---------------------------------------------------------------------------- eval and use
+
+
+def stage_eval(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    from lmforge.eval.perplexity import evaluate, unigram_cross_entropy
+    from lmforge.train.trainer import resolve_device
+
+    lay = Layout(cfg.out)
+    model, model_cfg, ckpt = load_trained(cfg)
+    device = resolve_device(cfg.train.device)
+    train_ds, val_ds = _datasets(lay)
+    metrics = evaluate(
+        model.to(device), val_ds, cfg.train.seq_len, cfg.eval.batch_size, cfg.eval.max_tokens, device, progress
+    )
+    metrics["unigram_loss"] = unigram_cross_entropy(train_ds, val_ds, model_cfg.vocab_size)
+    metrics["checkpoint"] = str(ckpt)
+    metrics["prompt"] = cfg.eval.generate.prompt
+    metrics["sample"] = stage_generate(cfg)["text"]
+    atomic_write_json(lay.eval, metrics)
+    return metrics
+
+
+def stage_generate(cfg: RunConfig, prompt: str | None = None) -> dict[str, Any]:
+    from lmforge.eval.generate import generate
+    from lmforge.tokenizer.train import load_tokenizer
+
+    lay = Layout(cfg.out)
+    model, _, ckpt = load_trained(cfg)
+    g = cfg.eval.generate
+    text = generate(
+        model, load_tokenizer(_need(lay.tokenizer, "tokenizer")), g.prompt if prompt is None else prompt,
+        max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=cfg.seed,
+    )
+    return {"checkpoint": str(ckpt), "text": text}
+
+
+def stage_export(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    from lmforge.export.hf import export_hf_llama, verify_hf_export
+    from lmforge.tokenizer.train import load_tokenizer
+
+    lay = Layout(cfg.out)
+    model, model_cfg, ckpt = load_trained(cfg)
+    out_dir = Path(cfg.export.dir) if cfg.export.dir else cfg.out / "export" / "hf"
+    path = export_hf_llama(model, model_cfg, _need(lay.tokenizer, "tokenizer"), out_dir, cfg.eval.generate)
+    result: dict[str, Any] = {"path": str(path), "checkpoint": str(ckpt)}
+    if cfg.export.verify:
+        g = torch.Generator().manual_seed(cfg.seed)
+        ids = torch.randint(0, model_cfg.vocab_size, (2, min(64, model_cfg.max_seq_len)), generator=g)
+        # Compare against our own tokenizer, not the exported copy, so a lossy export cannot pass.
+        check = verify_hf_export(model, path, ids, tokenizer=load_tokenizer(lay.tokenizer))
+        result.update(check)
+        if not check["max_abs_diff"] < 1e-4 or not check["tokenizer_match"]:
+            raise RuntimeError(f"export check failed for {path}: {json.dumps(check)}")
+    return result
