@@ -91,3 +91,12 @@ def test_cli_generate_prints_a_sample(finished_run, capsys):
     out, _ = finished_run
     assert main(["generate", "--prompt", "import ", f"out_dir={out}", *TINY]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_rerunning_a_finished_run_is_idempotent(finished_run, tmp_path: Path):
+    src, first = finished_run
+    shutil.copytree(src, tmp_path / "again")
+    again = run_all(load_config(None, [f"out_dir={tmp_path / 'again'}", *TINY]), progress=False)
+    assert again["train"]["resumed_from"] == 250 and again["train"]["steps"] == 250
+    assert again["eval"]["loss"] == first["eval"]["loss"]
+    assert again["data"]["docs_kept"] == first["data"]["docs_kept"]

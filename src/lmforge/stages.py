@@ -16,7 +16,7 @@ from lmforge.io_utils import atomic_write_json
 
 
 @dataclass(frozen=True)
-class Layout:
+class RunPaths:
     """Where each stage reads and writes inside out_dir."""
 
     root: Path
@@ -58,17 +58,17 @@ def _need(path: Path, stage: str) -> Path:
 def stage_data(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     from lmforge.data.pipeline import run_data_stage
 
-    return run_data_stage(cfg.data, Layout(cfg.out).data, cfg.seed, progress=progress)
+    return run_data_stage(cfg.data, RunPaths(cfg.out).data, cfg.seed, progress=progress)
 
 
 def stage_tokenizer(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     from lmforge.data.io import read_documents
     from lmforge.tokenizer.train import train_tokenizer
 
-    lay = Layout(cfg.out)
-    docs = read_documents(_need(lay.data / "train", "data"))
-    tok = train_tokenizer((d.text for d in docs), cfg.tokenizer, lay.tokenizer, progress=progress)
-    return {"path": str(lay.tokenizer), "vocab_size": tok.get_vocab_size()}
+    paths = RunPaths(cfg.out)
+    docs = read_documents(_need(paths.data / "train", "data"))
+    tok = train_tokenizer((d.text for d in docs), cfg.tokenizer, paths.tokenizer, progress=progress)
+    return {"path": str(paths.tokenizer), "vocab_size": tok.get_vocab_size()}
 
 
 def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
@@ -76,13 +76,13 @@ def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     from lmforge.tokenizer.train import load_tokenizer
     from lmforge.tokens.shards import write_token_shards
 
-    lay = Layout(cfg.out)
-    tok = load_tokenizer(_need(lay.tokenizer, "tokenizer"))
+    paths = RunPaths(cfg.out)
+    tok = load_tokenizer(_need(paths.tokenizer, "tokenizer"))
     out = {}
     for split in ("train", "val"):
-        docs = read_documents(_need(lay.data / split, "data"))
+        docs = read_documents(_need(paths.data / split, "data"))
         out[split] = write_token_shards(
-            docs, tok, lay.tokenizer, lay.tokens, split, dtype=cfg.tokens.dtype, progress=progress
+            docs, tok, paths.tokenizer, paths.tokens, split, dtype=cfg.tokens.dtype, progress=progress
         )
     return out
 
@@ -90,13 +90,13 @@ def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- model
 
 
-def _datasets(lay: Layout) -> tuple[Any, Any]:
+def _datasets(paths: RunPaths) -> tuple[Any, Any]:
     from lmforge.tokenizer.train import tokenizer_hash
     from lmforge.tokens.shards import TokenDataset
 
-    _need(lay.tokens, "tokenize")
-    train, val = TokenDataset(lay.tokens, "train"), TokenDataset(lay.tokens, "val")
-    digest = tokenizer_hash(_need(lay.tokenizer, "tokenizer"))
+    _need(paths.tokens, "tokenize")
+    train, val = TokenDataset(paths.tokens, "train"), TokenDataset(paths.tokens, "val")
+    digest = tokenizer_hash(_need(paths.tokenizer, "tokenizer"))
     train.check_tokenizer(digest)
     val.check_tokenizer(digest)
     return train, val
@@ -110,11 +110,11 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
     from lmforge.train.checkpoint import find_latest, read_state
     from lmforge.train.trainer import Trainer
 
-    lay = Layout(cfg.out)
-    train_ds, _ = _datasets(lay)
+    paths = RunPaths(cfg.out)
+    train_ds, _ = _datasets(paths)
     if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = load_tokenizer(lay.tokenizer).get_vocab_size()
-    latest = find_latest(lay.checkpoints) if cfg.train.resume else None
+        cfg.model.vocab_size = load_tokenizer(paths.tokenizer).get_vocab_size()
+    latest = find_latest(paths.checkpoints) if cfg.train.resume else None
     if latest is not None and read_state(latest)["config"]["model"] != to_dict(cfg.model):
         raise ConfigError(
             f"{latest} was trained with another model config; use a new out_dir or train.resume=false"
@@ -124,7 +124,7 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
     objective = build_objective(cfg.objective.name, **cfg.objective.options)
     loader = PackedLoader(train_ds, objective.window(cfg.train.seq_len), cfg.train.batch_size, cfg.seed)
     save_config(cfg, cfg.out / "config.yaml")
-    trainer = Trainer(cfg, model, loader, objective, lay.checkpoints, lay.metrics, progress=progress)
+    trainer = Trainer(cfg, model, loader, objective, paths.checkpoints, paths.metrics, progress=progress)
     t0 = time.perf_counter()
     result = trainer.fit(stop_after=stop_after)
     seconds = time.perf_counter() - t0
@@ -135,7 +135,7 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
         "tokens_seen": result.tokens_seen,
         "final_train_loss": result.losses[max(result.losses)] if result.losses else None,
         "seconds": seconds,
-        "checkpoint": str(find_latest(lay.checkpoints)),
+        "checkpoint": str(find_latest(paths.checkpoints)),
     }
 
 
@@ -144,10 +144,10 @@ def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, ModelConfig, Path]:
     from lmforge.models import build_model
     from lmforge.train.checkpoint import find_latest, load_weights, read_state
 
-    lay = Layout(cfg.out)
-    ckpt = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else find_latest(lay.checkpoints)
+    paths = RunPaths(cfg.out)
+    ckpt = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else find_latest(paths.checkpoints)
     if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {lay.checkpoints}: run `lmforge train` first")
+        raise FileNotFoundError(f"no checkpoint in {paths.checkpoints}: run `lmforge train` first")
     model_cfg = build(ModelConfig, read_state(_need(ckpt, "train"))["config"]["model"], "model")
     model = build_model(model_cfg)
     load_weights(ckpt, model)
@@ -161,10 +161,10 @@ def stage_eval(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     from lmforge.eval.perplexity import evaluate, unigram_cross_entropy
     from lmforge.train.trainer import resolve_device
 
-    lay = Layout(cfg.out)
+    paths = RunPaths(cfg.out)
     model, model_cfg, ckpt = load_trained(cfg)
     device = resolve_device(cfg.train.device)
-    train_ds, val_ds = _datasets(lay)
+    train_ds, val_ds = _datasets(paths)
     metrics = evaluate(
         model.to(device), val_ds, cfg.train.seq_len, cfg.eval.batch_size, cfg.eval.max_tokens, device, progress
     )
@@ -172,7 +172,7 @@ def stage_eval(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     metrics["checkpoint"] = str(ckpt)
     metrics["prompt"] = cfg.eval.generate.prompt
     metrics["sample"] = stage_generate(cfg)["text"]
-    atomic_write_json(lay.eval, metrics)
+    atomic_write_json(paths.eval, metrics)
     return metrics
 
 
@@ -180,11 +180,11 @@ def stage_generate(cfg: RunConfig, prompt: str | None = None) -> dict[str, Any]:
     from lmforge.eval.generate import generate
     from lmforge.tokenizer.train import load_tokenizer
 
-    lay = Layout(cfg.out)
+    paths = RunPaths(cfg.out)
     model, _, ckpt = load_trained(cfg)
     g = cfg.eval.generate
     text = generate(
-        model, load_tokenizer(_need(lay.tokenizer, "tokenizer")), g.prompt if prompt is None else prompt,
+        model, load_tokenizer(_need(paths.tokenizer, "tokenizer")), g.prompt if prompt is None else prompt,
         max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=cfg.seed,
     )
     return {"checkpoint": str(ckpt), "text": text}
@@ -194,16 +194,16 @@ def stage_export(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     from lmforge.export.hf import export_hf_llama, verify_hf_export
     from lmforge.tokenizer.train import load_tokenizer
 
-    lay = Layout(cfg.out)
+    paths = RunPaths(cfg.out)
     model, model_cfg, ckpt = load_trained(cfg)
     out_dir = Path(cfg.export.dir) if cfg.export.dir else cfg.out / "export" / "hf"
-    path = export_hf_llama(model, model_cfg, _need(lay.tokenizer, "tokenizer"), out_dir, cfg.eval.generate)
+    path = export_hf_llama(model, model_cfg, _need(paths.tokenizer, "tokenizer"), out_dir, cfg.eval.generate)
     result: dict[str, Any] = {"path": str(path), "checkpoint": str(ckpt)}
     if cfg.export.verify:
         g = torch.Generator().manual_seed(cfg.seed)
         ids = torch.randint(0, model_cfg.vocab_size, (2, min(64, model_cfg.max_seq_len)), generator=g)
         # Compare against our own tokenizer, not the exported copy, so a lossy export cannot pass.
-        check = verify_hf_export(model, path, ids, tokenizer=load_tokenizer(lay.tokenizer))
+        check = verify_hf_export(model, path, ids, tokenizer=load_tokenizer(paths.tokenizer))
         result.update(check)
         if not check["max_abs_diff"] < 1e-4 or not check["tokenizer_match"]:
             raise RuntimeError(f"export check failed for {path}: {json.dumps(check)}")
