@@ -52,7 +52,7 @@ def test_jsonl_plain_gz_zst(tmp_path, suffix):
     assert removed == []
     assert [(d.id, d.text, d.source) for d in docs] == [
         ("a", "alpha text", "corpus"),  # no label anywhere -> the file stem, compression suffix dropped
-        ("corpus:2", "no id here", "corpus"),  # default id: stem:line
+        (f"corpus{suffix}:2", "no id here", "corpus"),  # default id: path relative to the file's folder, line
         ("7", "数字 id", "books"),  # the record's own source field
     ]
     assert docs[0].meta == {"lang": "en"}
@@ -88,10 +88,10 @@ def test_bad_jsonl_lines_are_quarantined_with_file_and_line(tmp_path):
     docs, removed, ledger = read(InputConfig(path=str(path)), tmp_path)
     assert [d.id for d in docs] == ["ok1", "ok2"]
     assert [(r["id"], r["step"], r["reason"], r["detail"]["file"], r["detail"]["line"]) for r in removed] == [
-        ("bad:2", "read", "quarantine", str(path), 2),
+        ("bad.jsonl:2", "read", "quarantine", str(path), 2),
         ("t", "read", "quarantine", str(path), 4),
-        ("bad:5", "read", "quarantine", str(path), 5),
-        ("bad:6", "read", "quarantine", str(path), 6),  # not UTF-8: unparsed, so the default id
+        ("bad.jsonl:5", "read", "quarantine", str(path), 5),
+        ("bad.jsonl:6", "read", "quarantine", str(path), 6),  # not UTF-8: unparsed, so the default id
     ]
     assert "invalid JSON" in removed[0]["detail"]["problem"]
     assert "'text'" in removed[1]["detail"]["problem"]
@@ -163,9 +163,34 @@ def test_glob_and_explicit_format(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     docs, _, _ = read(InputConfig(path=str(tmp_path / "*.data"), format="jsonl"), out)
-    assert [(d.id, d.text) for d in docs] == [("one:1", "j1"), ("two:1", "j2")]
+    assert [(d.id, d.text) for d in docs] == [("one.data:1", "j1"), ("two.data:1", "j2")]
     docs, _, _ = read(InputConfig(path=str(tmp_path / "*.data")), out)
     assert [d.text for d in docs] == ['{"text": "j1"}\n', '{"text": "j2"}\n'], "auto: unknown suffix is text"
+
+
+def test_default_ids_are_relative_paths_so_same_named_files_differ(tmp_path):
+    root = tmp_path / "in"
+    for folder in ("a", "b"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "x.jsonl").write_text('{"text": "first"}\n{"text": "second"}\n')
+        (root / folder / "n.txt").write_text(f"text in {folder}")
+        pq.write_table(pa.table({"text": ["row"]}), root / folder / "t.parquet")
+    out = tmp_path / "out"
+    out.mkdir()
+    expected = [
+        "a/n.txt", "a/t.parquet:1", "a/x.jsonl:1", "a/x.jsonl:2",
+        "b/n.txt", "b/t.parquet:1", "b/x.jsonl:1", "b/x.jsonl:2",
+    ]  # fmt: skip
+    docs, _, _ = read(InputConfig(path=str(root)), out)
+    assert [d.id for d in docs] == expected
+    # A glob's ids are relative to its leading folders without wildcards, so they match the directory's.
+    docs, _, _ = read(InputConfig(path=str(root / "*" / "*")), out)
+    assert [d.id for d in docs] == expected
+    docs, _, _ = read(InputConfig(path=str(root / "**" / "x.jsonl")), out)
+    assert [d.id for d in docs] == ["a/x.jsonl:1", "a/x.jsonl:2", "b/x.jsonl:1", "b/x.jsonl:2"]
+    # A single file's ids are relative to its own folder.
+    docs, _, _ = read(InputConfig(path=str(root / "b" / "x.jsonl")), out)
+    assert [d.id for d in docs] == ["x.jsonl:1", "x.jsonl:2"]
 
 
 def test_missing_input_raises(tmp_path):

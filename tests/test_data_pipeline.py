@@ -107,7 +107,7 @@ def test_run_data_stage_end_to_end(tmp_path):
         "hashy": ("symbol_ratio", "symbol_ratio=0.152>0.1"),  # 5 hashes / 33 words
         "nostop": ("stop_words", "stop_words=0<1"),
         "lowvotes": ("min_upvotes", "upvotes=1<3"),
-        "corpus:38": ("read", "quarantine"),
+        "corpus.jsonl:38": ("read", "quarantine"),
     }
     assert summary["docs_in"] == 40 and summary["docs_kept"] == len(expected) and summary["docs_removed"] == 7
     assert summary["train_docs"] == len(train) and summary["val_docs"] == len(val) and val and train
@@ -204,6 +204,52 @@ def test_repeated_filter_names_get_distinct_ledger_rows(tmp_path):
     assert summary["ledger"]["steps"] == ["read", "min_words", "min_words#2", "exact_dedup"]
 
 
+def test_repeated_ids_are_quarantined_not_dropped(tmp_path):
+    books, web = tmp_path / "c.jsonl", tmp_path / "w.jsonl"
+    write_jsonl(books, [rec(id=i, text=prose(k)) for k, i in enumerate(["a", "b", "a", "c"], 1)])
+    write_jsonl(web, [rec(id="b", text=prose(5)), rec(id="d", text=prose(6))])
+    cfg = DataConfig(inputs=[InputConfig(path=str(books), source="books"), InputConfig(path=str(web))])
+    summary = run_data_stage(cfg, tmp_path / "out", 0, progress=False)
+    train, val = kept_docs(tmp_path / "out")
+    assert sorted((d.id, d.text) for d in train + val) == [("a", prose(1)), ("b", prose(2)), ("c", prose(4)),
+                                                          ("d", prose(6))], "the first of each id is kept"
+    assert removed_records(tmp_path / "out") == [
+        {"id": "a", "source": "books", "step": "read", "reason": "duplicate_id",
+         "detail": {"file": str(books), "line": 3, "first_source": "books"}},
+        {"id": "b", "source": "w", "step": "read", "reason": "duplicate_id",
+         "detail": {"file": str(web), "line": 1, "first_source": "books"}},
+    ]
+    assert (summary["docs_in"], summary["docs_kept"], summary["docs_removed"]) == (6, 4, 2)
+    assert summary["ledger"]["counts"]["read"]["w"] == {
+        "docs_in": 2, "docs_kept": 1, "docs_removed": 1, "bytes_in": len(prose(5)) + len(prose(6)),
+        "bytes_kept": len(prose(6)), "bytes_removed": len(prose(5)),
+    }
+    assert_ledger_invariants(summary["ledger"])
+
+
+def test_same_named_files_in_one_directory_are_distinct_documents(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        write_jsonl(tmp_path / "in" / folder / "x.jsonl", [rec(text=prose(k) + folder) for k in range(3)])
+    summary = run_data_stage(DataConfig(inputs=[InputConfig(path=str(tmp_path / "in"))]), tmp_path / "out", 0,
+                             progress=False)
+    train, val = kept_docs(tmp_path / "out")
+    assert sorted(d.id for d in train + val) == [f"{f}/x.jsonl:{k}" for f in ("a", "b") for k in (1, 2, 3)]
+    assert summary["docs_removed"] == 0
+
+
+def test_labelled_inputs_with_the_same_file_name_do_not_collide(tmp_path):
+    inputs = []
+    for source in ("web", "books"):
+        (tmp_path / source).mkdir()
+        write_jsonl(tmp_path / source / "data.jsonl", [rec(text=prose(k) + source) for k in range(2)])
+        inputs.append(InputConfig(path=str(tmp_path / source / "data.jsonl"), source=source))
+    summary = run_data_stage(DataConfig(inputs=inputs), tmp_path / "out", 0, progress=False)
+    train, val = kept_docs(tmp_path / "out")
+    assert sorted(d.id for d in train + val) == sorted(f"{s}/data.jsonl:{k}" for s in ("web", "books") for k in (1, 2))
+    assert summary["docs_removed"] == 0
+
+
 def test_builtin_corpus_is_the_default_input(tmp_path):
     cfg = DataConfig(builtin=BuiltinCorpusConfig(max_prose_bytes=40_000, max_code_bytes=40_000))
     summary = run_data_stage(cfg, tmp_path / "out", 0, progress=False)
@@ -245,7 +291,7 @@ TEXTS = [
 record = st.one_of(
     st.fixed_dictionaries(
         {"text": st.sampled_from(TEXTS), "source": st.sampled_from(["web", "books"])},
-        optional={"upvotes": st.integers(0, 6), "with_id": st.booleans()},
+        optional={"upvotes": st.integers(0, 6), "id_kind": st.sampled_from(["own", "none", "shared"])},
     ),
     st.sampled_from(["{bad", '{"text": null}', "[1, 2]"]),
 )
@@ -261,13 +307,14 @@ def test_every_input_document_is_accounted_for(records):
             line_no = k + 1
             if isinstance(r, str):
                 lines.append(r)
-                input_ids.append(f"c:{line_no}")
+                input_ids.append(f"c.jsonl:{line_no}")
                 continue
             r = dict(r)
-            if r.pop("with_id", True):
-                r["id"] = f"r{k}"
+            id_kind = r.pop("id_kind", "own")
+            if id_kind != "none":
+                r["id"] = f"r{k}" if id_kind == "own" else f"shared{k % 2}"
             lines.append(json.dumps(r))
-            input_ids.append(r.get("id", f"c:{line_no}"))
+            input_ids.append(r.get("id", f"c.jsonl:{line_no}"))
         # Two documents that always survive, so the split has something to work with.
         for k in range(2):
             lines.append(json.dumps({"id": f"sure{k}", "text": prose(50 + k), "source": "books"}))
@@ -280,7 +327,11 @@ def test_every_input_document_is_accounted_for(records):
         kept_ids = [d.id for d in train + val]
         removed = removed_records(tmp_path / "out")
         assert sorted(kept_ids + [r["id"] for r in removed]) == sorted(input_ids)
-        assert not set(kept_ids) & {r["id"] for r in removed}
+        assert len(set(kept_ids)) == len(kept_ids)
+        assert not set(kept_ids) & {r["id"] for r in removed if r["reason"] != "duplicate_id"}
+        for r in removed:
+            if r["reason"] == "duplicate_id":  # a later occurrence of an id already read
+                assert input_ids.index(r["id"]) < r["detail"]["line"] - 1
         assert summary["docs_in"] == len(input_ids)
         assert summary["docs_kept"] == len(kept_ids) and summary["docs_removed"] == len(removed)
         assert_ledger_invariants(summary["ledger"])

@@ -78,7 +78,19 @@ def test_stream_index_and_summary_exact(tok, tmp_path):
     assert (manifest["dtype"], manifest["n_tokens"], manifest["n_docs"]) == ("uint16", ds.n_tokens, ds.n_docs)
     assert sorted(manifest["source_names"]) == ["code", "web", "zh"]
     ds.verify()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-00000.bin", "train-00000.idx", "train-00000.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "train-00000.bin",
+        "train-00000.idx",
+        "train-00000.json",
+        "train.json",
+    ]
+    shard_set = json.loads((tmp_path / "train.json").read_text())
+    assert shard_set == ds.set_manifest
+    assert (shard_set["n_shards"], shard_set["n_tokens"], shard_set["n_docs"]) == (1, ds.n_tokens, ds.n_docs)
+    assert shard_set["tokenizer_sha256"] == tokenizer_hash(path) and shard_set["dtype"] == "uint16"
+    assert shard_set["shards"] == [
+        {"stem": "train-00000", **{k: manifest[k] for k in ("n_tokens", "n_docs", "n_bytes", "bin_xxh64", "idx_xxh64")}}
+    ]
 
 
 def test_dtype_choice(tok, tmp_path):
@@ -115,7 +127,9 @@ def test_rolling_gives_the_same_virtual_stream(tok, tmp_path):
         docs, tokenizer, path, tmp_path / "many", "train", max_shard_tokens=300, progress=False
     )
     one, many = TokenDataset(tmp_path / "one", "train"), TokenDataset(tmp_path / "many", "train")
-    assert summary["n_shards"] == len(many.shards) > 5
+    assert summary["n_shards"] == len(many.shards) == many.set_manifest["n_shards"] > 5
+    assert [e["stem"] for e in many.set_manifest["shards"]] == [f"train-{i:05d}" for i in range(len(many.shards))]
+    assert [e["n_tokens"] for e in many.set_manifest["shards"]] == [s.n_tokens for s in many.shards]
     for shard in many.shards:
         longest = int(np.diff(shard.offsets).max())
         assert shard.n_tokens <= 300 or shard.n_docs == 1 and longest > 300
@@ -139,6 +153,7 @@ def test_rolling_gives_the_same_virtual_stream(tok, tmp_path):
         "train-00000.bin",
         "train-00000.idx",
         "train-00000.json",
+        "train.json",
     ]
 
 
@@ -195,14 +210,86 @@ def test_truncated_idx_is_a_clear_error(written):
 
 def test_missing_pieces_are_clear_errors(written):
     (written / "train-00001.json").unlink()
-    with pytest.raises(ShardError, match=r"train-00001\.json: missing"):
+    with pytest.raises(ShardError, match=r"train-00001\.json: missing; incomplete shard set, re-run `lmforge tok"):
         TokenDataset(written, "train")
     for suffix in ("bin", "idx"):
         (written / f"train-00001.{suffix}").unlink()
-    with pytest.raises(ShardError, match=r"train-00001\.bin: missing; shards are not contiguous"):
+    with pytest.raises(ShardError, match=r"train-00001\.json: missing"):  # listed in train.json, so still needed
         TokenDataset(written, "train")
-    with pytest.raises(FileNotFoundError, match="no token shards val-NNNNN.bin"):
+    with pytest.raises(FileNotFoundError, match=r"no token shard set 'val' .*val\.json not found"):
         TokenDataset(written, "val")
+
+
+def test_missing_bin_of_a_listed_shard(written):
+    (written / "train-00003.bin").unlink()
+    with pytest.raises(ShardError, match=r"train-00003\.bin: missing; incomplete shard set"):
+        TokenDataset(written, "train")
+
+
+def test_missing_set_manifest_is_an_incomplete_set(written):
+    (written / "train.json").unlink()
+    with pytest.raises(ShardError, match=r"incomplete shard set: .*train\.json is missing.*re-run `lmforge tokenize`"):
+        TokenDataset(written, "train")
+
+
+def write_then_crash(out_dir, n_docs: int, tokenizer_sha256: str = "0" * 64) -> None:
+    """A ShardWriter that finishes several 10-token shards and then raises."""
+    writer = ShardWriter(out_dir, "train", tokenizer_sha256, vocab_size=100, max_shard_tokens=10)
+    with pytest.raises(RuntimeError, match="crash"), writer:
+        for _ in range(n_docs):
+            writer.add([1, 2, 3, 4], "s", 4)
+        raise RuntimeError("crash")
+
+
+def test_writer_that_raises_midway_leaves_an_unreadable_set(tmp_path):
+    write_then_crash(tmp_path, n_docs=13)
+    assert len(list(tmp_path.glob("train-*.bin"))) == 6, "precondition: finished shards are on disk"
+    assert not (tmp_path / "train.json").exists()
+    with pytest.raises(ShardError, match="incomplete shard set"):
+        TokenDataset(tmp_path, "train")
+
+
+def test_crash_while_rewriting_never_mixes_old_and_new_shards(tok, written):
+    tokenizer, path = tok
+    n_old = len(TokenDataset(written, "train").shards)
+    write_then_crash(written, n_docs=3, tokenizer_sha256=tokenizer_hash(path))
+    assert 0 < len(list(written.glob("train-*.bin"))) < n_old, "precondition: some new shards, no old ones"
+    with pytest.raises(ShardError, match="incomplete shard set"):
+        TokenDataset(written, "train")
+    # A clean rerun makes it readable again.
+    write_token_shards(make_docs(30, seed=9), tokenizer, path, written, "train", progress=False)
+    assert TokenDataset(written, "train").n_docs == 30
+
+
+def test_unlisted_shard_is_refused(written):
+    extra = written / "train-00099.bin"
+    extra.write_bytes(b"")
+    with pytest.raises(ShardError, match=r"train-00099\.bin: shard not listed in .*train\.json"):
+        TokenDataset(written, "train")
+
+
+def test_shard_from_another_set_is_refused(tok, written, tmp_path_factory):
+    tokenizer, path = tok
+    other = tmp_path_factory.mktemp("other")
+    write_token_shards(make_docs(seed=4), tokenizer, path, other, "train", max_shard_tokens=1000, progress=False)
+    for suffix in ("bin", "idx", "json"):  # a same-named, self-consistent shard of a different run
+        (written / f"train-00001.{suffix}").write_bytes((other / f"train-00001.{suffix}").read_bytes())
+    with pytest.raises(ShardError, match=r"train-00001\.bin: n_tokens .* differs from .* in .*train\.json"):
+        TokenDataset(written, "train")
+
+
+def test_bad_set_manifest_is_a_clear_error(written):
+    set_path = written / "train.json"
+    good = json.loads(set_path.read_text())
+    set_path.write_text("{not json")
+    with pytest.raises(ShardError, match=r"train\.json: set manifest is not valid JSON"):
+        TokenDataset(written, "train")
+    set_path.write_text(json.dumps({**good, "shards": [{**good["shards"][0], "stem": "../elsewhere"}]}))
+    with pytest.raises(ShardError, match=r"train\.json: shard list is not train-00000, train-00001, \.\.\. in order"):
+        TokenDataset(written, "train")
+    set_path.write_text(json.dumps({**good, "version": 99}))
+    with pytest.raises(ShardError, match="not a version 1 lmforge-token-shard-set manifest"):
+        TokenDataset(written, "train")
 
 
 def test_check_tokenizer(written, tok):

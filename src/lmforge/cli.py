@@ -11,6 +11,9 @@ from typing import Any
 
 from lmforge import stages
 from lmforge.config import ConfigError, RunConfig, load_config
+from lmforge.data.pipeline import DataStageError
+from lmforge.tokens.shards import ShardError
+from lmforge.train.trainer import NonFiniteLoss
 
 STAGES: dict[str, tuple[Callable[..., dict[str, Any]], str]] = {
     "data": (stages.stage_data, "read, filter and deduplicate raw text into clean document shards"),
@@ -28,9 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         return _dispatch(args, cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError) as e:  # the command or its inputs are wrong
         print(f"lmforge: error: {e}", file=sys.stderr)
         return 2
+    except (ShardError, DataStageError, NonFiniteLoss) as e:  # the work itself failed; outputs kept as they were
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -3,6 +3,10 @@
 Bad input never stops a run and never vanishes: a record that cannot become a Document is a
 "read"-step removal with reason "quarantine" and the file and line, so it shows up in the ledger
 and in removed.jsonl like any filtered document.
+
+A record without an id gets `[<source label>/]<path relative to the input root>:<line>` (a
+one-document text file: the path alone), so same-named files in different folders of one input, or
+in inputs with different source labels, get distinct ids.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ import gzip
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,6 +37,7 @@ _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
 # Errors a damaged file raises part-way through reading (truncated gzip, corrupt zstd frame, ...).
 _UNREADABLE = (OSError, EOFError, zstandard.ZstdError)
+_GLOB_MAGIC = re.compile(r"[*?[]")  # what makes a path component a glob pattern
 
 
 # ---------------------------------------------------------------- locating and opening files
@@ -53,6 +59,30 @@ def input_files(spec: InputConfig) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"input {spec.path!r} matches no files")
     return files
+
+
+def input_root(spec: InputConfig) -> Path:
+    """What default ids are relative to: the directory given, a glob's leading folders without
+    wildcards, or a single file's folder."""
+    path = Path(spec.path)
+    if path.is_file():
+        return path.parent
+    if path.is_dir():
+        return path
+    fixed = []
+    for part in path.parts:
+        if _GLOB_MAGIC.search(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def relative_id(path: Path, root: Path) -> str:
+    """`path` relative to `root`, with forward slashes on every platform, so ids do not depend on the OS."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:  # not lexically under root (cannot happen for input_files' own paths): keep it whole
+        return path.as_posix()
 
 
 def _without_compression(name: str) -> str:
@@ -141,18 +171,36 @@ def open_binary(path: Path) -> IO[bytes]:
 # ---------------------------------------------------------------- reading user inputs
 
 
-def iter_input(spec: InputConfig, ledger: Ledger) -> Iterator[Document]:
-    """Documents of one input, accounting every record under the ledger's "read" step."""
-    root = Path(spec.path)
+class ReadDoc(NamedTuple):
+    """A document with where it came from (file and line are None for a built-in document; line is
+    None for a one-document text file)."""
+
+    doc: Document
+    file: Path | None
+    line: int | None
+
+
+def read_input(spec: InputConfig, ledger: Ledger) -> Iterator[ReadDoc]:
+    """Documents of one input with their file and line, NOT yet counted in the ledger: the caller
+    counts each one with `count_read` or removes it. Quarantined records are fully accounted here."""
+    root = input_root(spec)
     for path in input_files(spec):
+        rel = relative_id(path, root)
+        if spec.source:  # inputs labelled apart (web/data.jsonl, books/data.jsonl) must not share ids
+            rel = f"{spec.source}/{rel}"
         fmt = detect_format(path, spec.format)
         if fmt == "jsonl":
-            yield from _read_jsonl(path, spec, ledger)
+            yield from _read_jsonl(path, rel, spec, ledger)
         elif fmt == "parquet":
-            yield from _read_parquet(path, spec, ledger)
+            yield from _read_parquet(path, rel, spec, ledger)
         else:
-            doc_id = path.relative_to(root).as_posix() if root.is_dir() else path.name
-            yield from _read_text(path, doc_id, spec, ledger)
+            yield from _read_text(path, rel, spec, ledger)
+
+
+def iter_input(spec: InputConfig, ledger: Ledger) -> Iterator[Document]:
+    """Documents of one input, accounting every record under the ledger's "read" step."""
+    for read in read_input(spec, ledger):
+        yield count_read(ledger, read.doc)
 
 
 def count_read(ledger: Ledger, doc: Document) -> Document:
@@ -221,10 +269,10 @@ def _parquet_rows(path: Path, text_key: str) -> Iterator[tuple[int | None, dict[
         yield row + 1, f"unreadable parquet from this row on: {type(e).__name__}: {e}"
 
 
-def _read_jsonl(path: Path, spec: InputConfig, ledger: Ledger) -> Iterator[Document]:
+def _read_jsonl(path: Path, rel: str, spec: InputConfig, ledger: Ledger) -> Iterator[ReadDoc]:
     stem = file_stem(path)
     for line_no, raw in _jsonl_lines(path):
-        default_id = f"{stem}:{line_no}"
+        default_id = f"{rel}:{line_no}"
         if isinstance(raw, str):
             _quarantine(ledger, default_id, spec.source or stem, path, line_no, raw, 0)
             continue
@@ -235,27 +283,27 @@ def _read_jsonl(path: Path, spec: InputConfig, ledger: Ledger) -> Iterator[Docum
             continue
         doc = _record_to_doc(rec, spec, default_id, stem)
         if isinstance(doc, Document):
-            yield count_read(ledger, doc)
+            yield ReadDoc(doc, path, line_no)
         else:
             _quarantine(ledger, doc[0], doc[1], path, line_no, doc[2], len(raw))
 
 
-def _read_parquet(path: Path, spec: InputConfig, ledger: Ledger) -> Iterator[Document]:
+def _read_parquet(path: Path, rel: str, spec: InputConfig, ledger: Ledger) -> Iterator[ReadDoc]:
     """A row's "line" in the ledger is its 1-based row number."""
     stem = file_stem(path)
     for row, rec in _parquet_rows(path, spec.text_key):
-        default_id = stem if row is None else f"{stem}:{row}"
+        default_id = rel if row is None else f"{rel}:{row}"
         if isinstance(rec, str):
             _quarantine(ledger, default_id, spec.source or stem, path, row, rec, 0)
             continue
         doc = _record_to_doc(rec, spec, default_id, stem)
         if isinstance(doc, Document):
-            yield count_read(ledger, doc)
+            yield ReadDoc(doc, path, row)
         else:
             _quarantine(ledger, doc[0], doc[1], path, row, doc[2], 0)
 
 
-def _read_text(path: Path, doc_id: str, spec: InputConfig, ledger: Ledger) -> Iterator[Document]:
+def _read_text(path: Path, doc_id: str, spec: InputConfig, ledger: Ledger) -> Iterator[ReadDoc]:
     """One document per file."""
     source = spec.source or file_stem(path)
     try:
@@ -269,7 +317,7 @@ def _read_text(path: Path, doc_id: str, spec: InputConfig, ledger: Ledger) -> It
     except UnicodeDecodeError as e:
         _quarantine(ledger, doc_id, source, path, None, f"not UTF-8 text: {e}", len(data))
         return
-    yield count_read(ledger, Document(id=doc_id, text=text, source=source))
+    yield ReadDoc(Document(id=doc_id, text=text, source=source), path, None)
 
 
 # ---------------------------------------------------------------- our own shards

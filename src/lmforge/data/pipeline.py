@@ -1,8 +1,8 @@
 """Stage 1 driver: inputs -> steps (filters, dedup) -> train/val shards + ledger.
 
 Steps compose lazily as generators, so documents stream through in constant memory (apart from
-the dedup hash set). The pipeline, not the steps, counts what enters and leaves each step; a step
-that loses a document without telling the ledger fails `Ledger.check()`.
+the id and dedup hash sets). The pipeline, not the steps, counts what enters and leaves each
+step; a step that loses a document without telling the ledger fails `Ledger.check()`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from lmforge.data.builtin import iter_builtin_corpus
 from lmforge.data.dedup import ExactDedup
 from lmforge.data.document import Document
 from lmforge.data.filters import build_filter
-from lmforge.data.io import READ_STEP, ShardWriter, count_read, input_files, iter_input
+from lmforge.data.io import READ_STEP, ReadDoc, ShardWriter, count_read, input_files, read_input
 from lmforge.data.ledger import Ledger
 from lmforge.io_utils import atomic_path, atomic_write_json
 
@@ -62,14 +62,63 @@ def run_step(step: Step, docs: Iterable[Document], ledger: Ledger) -> Iterator[D
         yield doc
 
 
+class SeenIds:
+    """Document ids seen so far in a run, each held as a 128-bit xxh3 digest.
+
+    The split and removed.jsonl are keyed by id, so a second document with the same id would be
+    routed or reported as the first. Digests keep memory per document small and fixed whatever the
+    id length; at 128 bits a false match is negligible even over billions of documents.
+    """
+
+    def __init__(self) -> None:
+        self._first: dict[int, int] = {}  # digest -> index into _sources (small ints, shared objects)
+        self._sources: list[str] = []
+        self._source_index: dict[str, int] = {}
+
+    def first_source(self, doc: Document) -> str | None:
+        """None when `doc.id` is new (and remembers it); else the source it was first seen under."""
+        digest = xxhash.xxh3_128_intdigest(doc.id.encode("utf-8"))
+        first = self._first.get(digest)
+        if first is not None:
+            return self._sources[first]
+        index = self._source_index.setdefault(doc.source, len(self._sources))
+        if index == len(self._sources):
+            self._sources.append(doc.source)
+        self._first[digest] = index
+        return None
+
+
 def read_inputs(cfg: DataConfig, ledger: Ledger) -> Iterator[Document]:
-    """User inputs in recipe order, or the built-in corpus when there are none."""
+    """User inputs in recipe order, or the built-in corpus when there are none; a repeated id is a
+    "read"-step removal with reason "duplicate_id"."""
+    seen = SeenIds()
+    for read in _read_all(cfg, ledger):
+        first_source = seen.first_source(read.doc)
+        if first_source is None:
+            yield count_read(ledger, read.doc)
+        else:
+            _remove_duplicate_id(ledger, read, first_source)
+
+
+def _read_all(cfg: DataConfig, ledger: Ledger) -> Iterator[ReadDoc]:
     if cfg.inputs:
         for spec in cfg.inputs:
-            yield from iter_input(spec, ledger)
+            yield from read_input(spec, ledger)
         return
     for doc in iter_builtin_corpus(cfg.builtin):
-        yield count_read(ledger, doc)
+        yield ReadDoc(doc, None, None)
+
+
+def _remove_duplicate_id(ledger: Ledger, read: ReadDoc, first_source: str) -> None:
+    doc = read.doc
+    detail: dict[str, Any] = {}
+    if read.file is not None:
+        detail["file"] = str(read.file)
+    if read.line is not None:
+        detail["line"] = read.line
+    detail["first_source"] = first_source
+    ledger.count_in(READ_STEP, doc.source, doc.n_bytes)
+    ledger.record_removed(doc, READ_STEP, "duplicate_id", detail)
 
 
 def split_key(doc_id: str, seed: int) -> float:

@@ -8,6 +8,10 @@ Per shard `{name}-NNNNN`:
   .json  manifest: tokenizer sha256, dtype, counts, sources, xxh64 checksums
 Each file is written to a temporary name and renamed; the manifest is written last, so a shard
 whose manifest exists is complete.
+
+Per set, `{name}.json` lists the shards in order with their counts and checksums, plus the totals.
+The writer removes it before touching any shard and writes it after the last one, so a set whose
+manifest exists is complete; TokenDataset opens exactly the shards it lists and nothing else.
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ INDEX_MAGIC = b"LMFIDX\x00\x00"
 INDEX_VERSION = 1
 _HEADER = struct.Struct("<8sIIQ")  # magic, version, reserved, n_docs
 MANIFEST_FORMAT = "lmforge-token-shard"
+SET_FORMAT = "lmforge-token-shard-set"
+SET_VERSION = 1
+_RETOKENIZE = "re-run `lmforge tokenize`"
+# What the set manifest repeats from each shard's own manifest; TokenDataset checks they agree.
+_LISTED_KEYS = ("n_tokens", "n_docs", "n_bytes", "bin_xxh64", "idx_xxh64")
 _ENCODE_BATCH_DOCS = 1024
 _FLUSH_TOKENS = 1 << 22  # buffer this many tokens before a write, to keep syscalls few
 _HASH_BLOCK = 1 << 24
@@ -59,8 +68,17 @@ def shard_stem(name: str, index: int) -> str:
     return f"{name}-{index:05d}"
 
 
+def set_manifest_path(out_dir: Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}.json"
+
+
 def _shard_pattern(name: str) -> re.Pattern[str]:
     return re.compile(re.escape(name) + r"-(\d{5})\.(bin|idx|json)")
+
+
+def _shard_files(out_dir: Path, name: str) -> list[Path]:
+    pattern = _shard_pattern(name)
+    return sorted(p for p in out_dir.iterdir() if pattern.fullmatch(p.name))
 
 
 def _index_layout(n_docs: int) -> tuple[int, int, int, int]:
@@ -85,9 +103,11 @@ def _xxh64_file(path: Path) -> str:
 class ShardWriter:
     """Append documents' token ids; shards roll over at `max_shard_tokens`.
 
-    Use as a context manager: on a clean exit the last shard is finished and `summary` is set; on an
-    exception the unfinished shard's temporary file is removed. A document is never split across
-    shards, so a single document longer than `max_shard_tokens` gets an oversized shard of its own.
+    Use as a context manager: entering removes the old set of this name (its set manifest first); on
+    a clean exit the last shard is finished, the set manifest written and `summary` set; on an
+    exception the unfinished shard's temporary file is removed and no set manifest is written, so
+    the finished shards stay unreadable as a set. A document is never split across shards, so a
+    single document longer than `max_shard_tokens` gets an oversized shard of its own.
     """
 
     def __init__(
@@ -109,16 +129,17 @@ class ShardWriter:
         self.max_shard_tokens = max_shard_tokens
         self.summary: dict[str, Any] | None = None
         self._n_shards = 0
+        self._listing: list[dict[str, Any]] = []  # one entry per finished shard, for the set manifest
         self._totals: dict[str, dict[str, int]] = {}
         self._file: BinaryIO | None = None
 
     def __enter__(self) -> ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        # Old shards of this name would otherwise mix with the new ones in TokenDataset.
-        pattern = _shard_pattern(self.name)
-        for p in self.out_dir.iterdir():
-            if pattern.fullmatch(p.name):
-                p.unlink()
+        # The set manifest goes first: from here until __exit__ writes a new one, the set is
+        # unreadable, so a crash part-way can never leave old and new shards that open as one set.
+        set_manifest_path(self.out_dir, self.name).unlink(missing_ok=True)
+        for p in _shard_files(self.out_dir, self.name):
+            p.unlink()
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -129,6 +150,7 @@ class ShardWriter:
             return
         if self._file is not None or self._n_shards == 0:
             self._finish_shard()  # with no documents at all, an empty shard keeps the set openable
+        self._write_set_manifest()
         self.summary = self._summary()
 
     def add(self, ids: np.ndarray | list[int], source: str, n_bytes: int) -> None:
@@ -218,11 +240,27 @@ class ShardWriter:
             "idx_xxh64": xxhash.xxh64(bytes(index)).hexdigest(),
         }
         atomic_write_json(self.out_dir / f"{self._stem}.json", manifest)
+        self._listing.append({"stem": self._stem, **{k: manifest[k] for k in _LISTED_KEYS}})
         for source, stats in self._per_source.items():
             total = self._totals.setdefault(source, {"docs": 0, "tokens": 0, "bytes": 0})
             for key, value in stats.items():
                 total[key] += value
         self._n_shards += 1
+
+    def _write_set_manifest(self) -> None:
+        """Written last: its presence is what marks the set complete."""
+        manifest = {
+            "format": SET_FORMAT,
+            "version": SET_VERSION,
+            "name": self.name,
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "vocab_size": self.vocab_size,
+            "dtype": self.dtype.name,
+            "n_shards": self._n_shards,
+            **{key: sum(entry[key] for entry in self._listing) for key in ("n_tokens", "n_docs", "n_bytes")},
+            "shards": self._listing,
+        }
+        atomic_write_json(set_manifest_path(self.out_dir, self.name), manifest)
 
     def _summary(self) -> dict[str, Any]:
         sources = {s: {**t, "bytes_per_token": _bytes_per_token(t)} for s, t in self._totals.items()}
@@ -257,7 +295,8 @@ def write_token_shards(
     max_shard_tokens: int = 2**31,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Tokenize `docs` into `out_dir/{name}-NNNNN.{bin,idx,json}`; return totals and per-source stats."""
+    """Tokenize `docs` into `out_dir/{name}-NNNNN.{bin,idx,json}` plus the set manifest `{name}.json`;
+    return totals and per-source stats."""
     check_special_tokens(tokenizer, where=str(tokenizer_path))
     writer = ShardWriter(
         out_dir, name, tokenizer_hash(tokenizer_path), tokenizer.get_vocab_size(), dtype, max_shard_tokens
@@ -301,7 +340,7 @@ class _Shard:
         json_path = stem.with_name(stem.name + ".json")
         for p in (json_path, self.bin_path, self.idx_path):
             if not p.is_file():
-                raise ShardError(f"{p}: missing; the shard set is incomplete, re-run tokenization")
+                raise ShardError(f"{p}: missing; incomplete shard set, {_RETOKENIZE}")
         try:
             self.manifest: dict[str, Any] = json.loads(json_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -357,33 +396,74 @@ class _Shard:
                 raise ShardError(f"{path}: xxh64 {got} does not match the manifest's {self.manifest[key]}")
 
 
+def _read_set_manifest(out_dir: Path, name: str) -> dict[str, Any]:
+    """The set manifest, checked for format and for naming its shards `{name}-00000`, ... in order."""
+    path = set_manifest_path(out_dir, name)
+    if not path.is_file():
+        if _shard_files(out_dir, name):
+            raise ShardError(
+                f"incomplete shard set: {path} is missing, so tokenization of {name!r} did not finish "
+                f"(or the shards predate set manifests); {_RETOKENIZE}"
+            )
+        raise FileNotFoundError(f"no token shard set {name!r} in {out_dir} ({path.name} not found); {_RETOKENIZE}")
+    try:
+        m: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: set manifest is not valid JSON: {e}") from e
+    if not isinstance(m, dict) or m.get("format") != SET_FORMAT or m.get("version") != SET_VERSION:
+        got = (m.get("format"), m.get("version")) if isinstance(m, dict) else type(m).__name__
+        raise ShardError(f"{path}: not a version {SET_VERSION} {SET_FORMAT} manifest (got {got!r})")
+    missing = [k for k in ("name", "tokenizer_sha256", "dtype", "n_shards", "shards") if k not in m]
+    if missing:
+        raise ShardError(f"{path}: set manifest lacks {', '.join(missing)}")
+    if m["name"] != name:
+        raise ShardError(f"{path}: set manifest is for {m['name']!r}, not {name!r}")
+    stems = [entry.get("stem") if isinstance(entry, dict) else None for entry in m["shards"]]
+    # Stems come from a file: accept only our own names, so nothing outside out_dir is ever opened.
+    if not stems or stems != [shard_stem(name, i) for i in range(len(stems))] or m["n_shards"] != len(stems):
+        raise ShardError(f"{path}: shard list is not {shard_stem(name, 0)}, {shard_stem(name, 1)}, ... in order")
+    return m
+
+
+def _check_no_unlisted_shards(out_dir: Path, name: str, stems: list[str]) -> None:
+    """Shards the manifest does not list are left over from another run: refuse rather than guess."""
+    listed = set(stems)
+    for p in _shard_files(out_dir, name):
+        if p.name.rsplit(".", 1)[0] not in listed:
+            raise ShardError(
+                f"{p}: shard not listed in {set_manifest_path(out_dir, name)}; the directory mixes shard sets, "
+                f"{_RETOKENIZE}"
+            )
+
+
+def _check_listed(shard: _Shard, entry: dict[str, Any], set_manifest: dict[str, Any], set_path: Path) -> None:
+    """A shard must be the one the set manifest recorded, not a same-named one from another run."""
+    expected = {k: entry.get(k) for k in _LISTED_KEYS}
+    expected |= {k: set_manifest[k] for k in ("tokenizer_sha256", "dtype")}
+    for key, want in expected.items():
+        if shard.manifest.get(key) != want:
+            raise ShardError(
+                f"{shard.bin_path}: {key} {shard.manifest.get(key)!r} differs from {want!r} in {set_path}; "
+                f"the shard set is inconsistent, {_RETOKENIZE}"
+            )
+
+
 class TokenDataset:
-    """All shards `{name}-NNNNN` in `out_dir`, presented as one concatenated token stream."""
+    """The shards listed in `out_dir/{name}.json`, presented as one concatenated token stream."""
 
     def __init__(self, out_dir: Path, name: str):
         self.out_dir = Path(out_dir)
         self.name = name
         if not self.out_dir.is_dir():
             raise FileNotFoundError(f"token shard directory not found: {self.out_dir}")
-        pattern = _shard_pattern(name)
-        indices = sorted({int(m.group(1)) for p in self.out_dir.iterdir() if (m := pattern.fullmatch(p.name))})
-        if not indices:
-            raise FileNotFoundError(f"no token shards {name}-NNNNN.bin in {self.out_dir}")
-        if indices != list(range(len(indices))):
-            missing = sorted(set(range(indices[-1] + 1)) - set(indices))
-            raise ShardError(f"{self.out_dir / shard_stem(name, missing[0])}.bin: missing; shards are not contiguous")
-        self.shards = [_Shard(self.out_dir / shard_stem(name, i)) for i in indices]
-
-        first = self.shards[0]
-        for shard in self.shards[1:]:
-            for key in ("tokenizer_sha256", "dtype"):
-                if shard.manifest[key] != first.manifest[key]:
-                    raise ShardError(
-                        f"{shard.bin_path}: {key} {shard.manifest[key]!r} differs from "
-                        f"{first.bin_path}'s {first.manifest[key]!r}"
-                    )
-        self.dtype = first.dtype
-        self.tokenizer_sha256: str = first.manifest["tokenizer_sha256"]
+        self.set_manifest = _read_set_manifest(self.out_dir, name)
+        stems = [entry["stem"] for entry in self.set_manifest["shards"]]
+        _check_no_unlisted_shards(self.out_dir, name, stems)
+        self.shards = [_Shard(self.out_dir / stem) for stem in stems]
+        for shard, entry in zip(self.shards, self.set_manifest["shards"], strict=True):
+            _check_listed(shard, entry, self.set_manifest, set_manifest_path(self.out_dir, name))
+        self.dtype = np.dtype(self.set_manifest["dtype"])
+        self.tokenizer_sha256: str = self.set_manifest["tokenizer_sha256"]
 
         self.source_names: list[str] = []
         for shard in self.shards:
