@@ -32,6 +32,17 @@ def test_yaml_then_overrides_take_precedence(tmp_path: Path):
         ("data.val_fraction=0.9", "data.val_fraction"),
         ("train.seq_len=4096", "train.seq_len"),
         ("nosuchsection.x=1", "nosuchsection"),
+        ("train.lr=inf", "train.lr"),
+        ("train.log_every=0", "train.log_every"),
+        ("eval.batch_size=0", "eval.batch_size"),
+        ("eval.generate.top_k=-1", "eval.generate.top_k"),
+        ("objective.name=fimm", "objective.name"),
+        ("objective.options={foo: 1}", "objective.options.foo"),
+        ("train.optimizer=adafactorr", "train.optimizer"),
+        ("train.schedule=wsdd", "train.schedule"),
+        ("model.arch=t55", "model.arch"),
+        ("data.filters=[{name: min_wordz}]", "data.filters[0].name"),
+        ("data.filters=[{name: min_words, min_wrds: 3}]", "data.filters[0].min_wrds"),
     ],
 )
 def test_bad_override_names_the_key(override: str, key: str):
@@ -71,5 +82,5 @@ def test_missing_and_malformed_files(tmp_path: Path):
 
 
 def test_filter_spec_needs_a_name():
-    with pytest.raises(ConfigError, match=r"data\.filters\[0\]\.name"):
+    with pytest.raises(ConfigError, match=r"^data\.filters\[0\]\.name"):
         load_config(None, ["data.filters=[{min_words: 3}]"])

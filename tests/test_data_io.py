@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import zstandard
 from lmforge.config import BuiltinCorpusConfig, InputConfig
 from lmforge.data.builtin import docstrings, iter_builtin_corpus
 from lmforge.data.document import Document
-from lmforge.data.io import PARQUET_BATCH_ROWS, ShardWriter, iter_input, read_documents
+from lmforge.data.io import PARQUET_BATCH_ROWS, ShardReadError, ShardWriter, iter_input, read_documents
 from lmforge.data.ledger import Ledger
 
 
@@ -221,6 +222,41 @@ def test_shard_writer_failure_leaves_only_complete_shards(tmp_path):
             w.write(Document(id=str(i), text="t", source="s"))
         raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.jsonl.zst"]
+
+
+def write_shards(out: Path, n_docs: int, docs_per_shard: int) -> list[Document]:
+    docs = [Document(id=f"d{i}", text=f"{i} " * 40, source="s") for i in range(n_docs)]
+    with ShardWriter(out, docs_per_shard) as w:
+        for d in docs:
+            w.write(d)
+    return docs
+
+
+def test_truncated_shard_raises_naming_the_file(tmp_path):
+    write_shards(tmp_path, 5000, docs_per_shard=4000)
+    cut = tmp_path / "shard-00000.jsonl.zst"
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardReadError, match=rf"^{re.escape(str(cut))}: truncated after line \d+") as info:
+        list(read_documents(tmp_path))
+    assert isinstance(info.value, ValueError)
+    cut.write_bytes(b"")
+    with pytest.raises(ShardReadError, match=rf"^{re.escape(str(cut))}: truncated"):
+        list(read_documents(tmp_path))
+
+
+def test_bad_shard_line_raises_naming_file_and_line(tmp_path):
+    docs = write_shards(tmp_path, 3, docs_per_shard=2)
+    second = tmp_path / "shard-00001.jsonl.zst"
+    good = docs[2].to_json()
+    for lines, problem in [
+        ([json.dumps(good), "{not json"], "invalid JSON"),
+        ([json.dumps(good), json.dumps(["a", "list"])], "not an object"),
+        ([json.dumps(good), json.dumps({"id": "x", "text": "no source"})], "lacks 'source'"),
+    ]:
+        second.write_bytes(zstandard.ZstdCompressor().compress("".join(f"{x}\n" for x in lines).encode()))
+        with pytest.raises(ShardReadError, match=rf"^{re.escape(str(second))}:2: .*{problem}"):
+            list(read_documents(tmp_path))
 
 
 # ---------------------------------------------------------------- builtin corpus

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmforge.config import BuiltinCorpusConfig, ConfigError, DataConfig, InputConfig
+from lmforge.data import pipeline
 from lmforge.data.document import Document
 from lmforge.data.io import read_documents
 from lmforge.data.ledger import Ledger, LedgerMismatch
@@ -171,6 +172,40 @@ def test_too_few_documents_raise_and_keep_previous_outputs(tmp_path):
         run_data_stage(DataConfig(inputs=[InputConfig(path=str(tmp_path / "one.jsonl"))], filters=[
             {"name": "min_words", "min_words": 1000}]), tmp_path / "out2", 0, progress=False)
     assert not (tmp_path / "out2" / "train").exists()
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _fail_ledger_check(self: Ledger) -> None:
+    raise LedgerMismatch("simulated crash after the shards were written")
+
+
+def _fail_json_write(path: Path, obj: object) -> None:
+    raise OSError("simulated crash writing ledger.json")
+
+
+@pytest.mark.parametrize("crash", [_fail_ledger_check, _fail_json_write], ids=["ledger_check", "ledger_json"])
+def test_crash_late_in_the_stage_keeps_all_previous_outputs(tmp_path, monkeypatch, crash):
+    write_jsonl(tmp_path / "old.jsonl", [rec(id=f"old{k}", text=prose(k)) for k in range(12)] + ["{bad"])
+    out = tmp_path / "out"
+    run_data_stage(DataConfig(inputs=[InputConfig(path=str(tmp_path / "old.jsonl"))], docs_per_shard=3), out, 0,
+                   progress=False)
+    before = snapshot(out)
+    assert {"ledger.json", "removed.jsonl", "train/shard-00000.jsonl.zst", "val/shard-00000.jsonl.zst"} <= set(before)
+
+    # A different corpus and seed: any new file that slipped through would differ from the old one.
+    write_jsonl(tmp_path / "new.jsonl", [rec(id=f"new{k}", text=prose(k)) for k in range(20)] + ["{worse"])
+    if crash is _fail_ledger_check:
+        monkeypatch.setattr(Ledger, "check", crash)
+    else:
+        monkeypatch.setattr(pipeline, "atomic_write_json", crash)
+    with pytest.raises((LedgerMismatch, OSError), match="simulated crash"):
+        run_data_stage(DataConfig(inputs=[InputConfig(path=str(tmp_path / "new.jsonl"))], docs_per_shard=3), out, 1,
+                       progress=False)
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.jsonl", "old.jsonl", "out"], "no temporaries left"
 
 
 def test_rerun_replaces_shards_without_stale_ones(tmp_path):

@@ -14,10 +14,11 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
+    repeat_kv,
 )
 from transformers.models.llama.modeling_llama import rotate_half as hf_rotate_half
 
-from lmforge.config import ModelConfig
+from lmforge.config import ConfigError, ModelConfig
 from lmforge.models import build_model, count_params, resolve_d_ff
 from lmforge.models.layers import RMSNorm
 from lmforge.models.positions import RotaryEmbedding, apply_rotary, rotate_half
@@ -100,6 +101,62 @@ def test_prefix_layout_sees_whole_prefix_but_not_beyond() -> None:
     assert hit_by(7) == [[False] * 7 + [True] * 3, [False] * 7 + [True] * 3]
 
 
+def reference_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The decoder written out with explicit softmax attention and transformers' repeat_kv, so it
+    shares no attention code (SDPA, enable_gqa, our head expansion) with the model."""
+    cos, sin = model.rope(ids.shape[1], ids.device)
+    B, T = ids.shape
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
+    allowed = causal if mask is None else mask
+    x = model.embed_tokens(ids)
+    for layer in model.layers:
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        group = attn.n_heads // attn.n_kv_heads
+        k, v = repeat_kv(k, group), repeat_kv(v, group)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(attn.head_dim)
+        y = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+        x = x + attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(model.norm(x))
+
+
+GQA_LAYOUTS = {
+    "causal": None,
+    "doc_ids": AttentionLayout("causal", doc_ids=torch.tensor([[0] * 5 + [1] * 7, [3] * 8 + [4] * 4])),
+    "prefix": AttentionLayout("prefix", prefix_len=torch.tensor([4, 6])),
+    "prefix+doc_ids": AttentionLayout(
+        "prefix", prefix_len=torch.tensor([3, 9]), doc_ids=torch.tensor([[0] * 6 + [1] * 6, [2] * 12])
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", GQA_LAYOUTS)
+def test_grouped_query_attention_matches_a_reference(layout: str) -> None:
+    model = tiny(n_kv_heads=2)  # 4 query heads, 2 kv heads: heads 0,1 read kv 0 and heads 2,3 read kv 1
+    torch.manual_seed(3)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    chosen = GQA_LAYOUTS[layout]
+    mask = None if chosen is None else chosen.mask(12, ids.device)
+    with torch.no_grad():
+        want = reference_logits(model, ids, mask)
+    assert_close(logits_with(model, ids, chosen), want, rtol=0, atol=1e-5)
+
+
+def test_grouped_query_mask_path_matches_the_maskless_path() -> None:
+    """One document per row makes the doc mask exactly the causal triangle, so the masked path (kv
+    heads expanded) and the fused causal path (enable_gqa) must agree."""
+    model = MODELS["gqa"]
+    torch.manual_seed(4)
+    ids = torch.randint(0, VOCAB, (3, 16))
+    one_doc = AttentionLayout("causal", doc_ids=torch.tensor([[0] * 16, [5] * 16, [2] * 16]))
+    assert_close(logits_with(model, ids, one_doc), logits_with(model, ids, None), rtol=0, atol=1e-5)
+
+
 def test_init_std_scales_residual_projections() -> None:
     cfg = ModelConfig(vocab_size=512, d_model=256, n_layers=4, n_heads=4, init_std=0.02)
     torch.manual_seed(0)
@@ -145,7 +202,7 @@ def test_resolve_d_ff() -> None:
 def test_build_model_errors_are_clear() -> None:
     with pytest.raises(ValueError, match="vocab_size"):
         build_model(ModelConfig())
-    with pytest.raises(KeyError, match="unknown architecture 'nope'"):
+    with pytest.raises(ConfigError, match="model.arch: unknown architecture 'nope'"):
         build_model(ModelConfig(arch="nope", vocab_size=10))
 
 

@@ -100,3 +100,10 @@ def test_rerunning_a_finished_run_is_idempotent(finished_run, tmp_path: Path):
     assert again["train"]["resumed_from"] == 250 and again["train"]["steps"] == 250
     assert again["eval"]["loss"] == first["eval"]["loss"]
     assert again["data"]["docs_kept"] == first["data"]["docs_kept"]
+
+
+def test_model_vocab_smaller_than_tokenizer_is_a_config_error(finished_run, tmp_path: Path, capsys):
+    src, _ = finished_run
+    shutil.copytree(src, tmp_path / "v")
+    assert main(["train", f"out_dir={tmp_path / 'v'}", *TINY, "model.vocab_size=300", "train.resume=false"]) == 2
+    assert "model.vocab_size: 300 is smaller than the tokenizer's 512" in capsys.readouterr().err

@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lmforge.config import ConfigError
 from lmforge.train.schedules import SCHEDULES
 
 
@@ -35,5 +36,5 @@ def test_monotone_after_warmup_and_bounded(name: str, warmup: int, total: int):
 
 
 def test_unknown_schedule_lists_known():
-    with pytest.raises(KeyError, match="known: constant, cosine, linear"):
+    with pytest.raises(ConfigError, match="known: constant, cosine, linear"):
         SCHEDULES.get("wsdd")

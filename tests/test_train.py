@@ -148,3 +148,25 @@ def test_failed_save_leaves_previous_latest(tmp_path: Path, monkeypatch):
         save_checkpoint(tmp_path, 2, model, None, {})
     assert find_latest(tmp_path).name == "step_00000001"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or "00000002" in p.name] == []
+
+
+def test_fresh_run_in_an_old_directory_keeps_its_own_checkpoint(tmp_path: Path):
+    cfg = tiny_cfg(tmp_path)
+    model = build_model(cfg.model)
+    for step in (200, 250):  # an earlier, longer run left these behind
+        save_checkpoint(tmp_path, step, model, None, {})
+    save_checkpoint(tmp_path, 100, model, None, {}, keep=2)
+    assert find_latest(tmp_path).name == "step_00000100"
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000100"]
+
+
+def test_torn_metrics_line_does_not_block_resume(tmp_path: Path):
+    from lmforge.train.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "m.jsonl")
+    for step in (1, 2, 3):
+        log.write({"step": step, "loss": 1.0})
+    with log.path.open("a") as f:
+        f.write('{"step": 4, "lo')  # the process died mid-append
+    log.truncate_after(2)
+    assert [r["step"] for r in log.read()] == [1, 2]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (ShardError, DataStageError, NonFiniteLoss) as e:  # the work itself failed; outputs kept as they were
         print(f"lmforge: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, KeyError) as e:  # e.g. a checkpoint that does not fit the data
+        if os.environ.get("LMFORGE_DEBUG"):
+            raise
+        print(f"lmforge: error: {e} (LMFORGE_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
 
 

@@ -7,6 +7,7 @@ in a recipe fails before any work starts, with the dotted key that is wrong.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -282,7 +283,7 @@ def _scalar(tp: type, value: Any, key: str) -> Any:
             return int(as_float)
     elif tp is float:
         as_float = _maybe_float(value)
-        if as_float is not None:
+        if as_float is not None and math.isfinite(as_float):
             return as_float
     elif tp is str:
         if isinstance(value, str):
@@ -327,15 +328,38 @@ def validate(cfg: RunConfig) -> None:
         ("train.min_lr_ratio", 0.0 <= cfg.train.min_lr_ratio <= 1.0, "must be in [0, 1]"),
         ("train.checkpoint_every", cfg.train.checkpoint_every > 0, "must be > 0"),
         ("train.keep_checkpoints", cfg.train.keep_checkpoints > 0, "must be > 0"),
+        ("train.log_every", cfg.train.log_every > 0, "must be > 0"),
+        ("train.grad_clip", cfg.train.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
+        ("train.weight_decay", cfg.train.weight_decay >= 0, "must be >= 0"),
+        ("train.beta1", 0.0 <= cfg.train.beta1 < 1.0, "must be in [0, 1)"),
+        ("train.beta2", 0.0 <= cfg.train.beta2 < 1.0, "must be in [0, 1)"),
+        ("eval.batch_size", cfg.eval.batch_size > 0, "must be > 0"),
+        ("eval.max_tokens", cfg.eval.max_tokens >= 0, "must be >= 0 (0 = the whole split)"),
+        ("eval.generate.max_new_tokens", cfg.eval.generate.max_new_tokens >= 0, "must be >= 0"),
         ("eval.generate.temperature", cfg.eval.generate.temperature >= 0, "must be >= 0"),
+        ("eval.generate.top_k", cfg.eval.generate.top_k >= 0, "must be >= 0 (0 disables top-k)"),
         ("eval.generate.top_p", 0.0 < cfg.eval.generate.top_p <= 1.0, "must be in (0, 1]"),
     ]
     for key, ok, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg} (got {_get_dotted(cfg, key)!r})")
+    _validate_names(cfg)
+
+
+def _validate_names(cfg: RunConfig) -> None:
+    """Registry names and their options, so a typo fails at load, not after hours of data work."""
+    from lmforge.data.filters import build_filter
+    from lmforge.models import ARCHITECTURES
+    from lmforge.objectives import build_objective
+    from lmforge.train.optim import OPTIMIZERS
+    from lmforge.train.schedules import SCHEDULES
+
     for i, spec in enumerate(cfg.data.filters):
-        if "name" not in spec:
-            raise ConfigError(f"data.filters[{i}].name: required")
+        build_filter(spec, i)
+    ARCHITECTURES.get(cfg.model.arch, "model.arch")
+    build_objective(cfg.objective.name, **cfg.objective.options)
+    OPTIMIZERS.get(cfg.train.optimizer, "train.optimizer")
+    SCHEDULES.get(cfg.train.schedule, "train.schedule")
 
 
 def _get_dotted(cfg: Any, key: str) -> Any:

@@ -45,9 +45,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         if path.exists() and path.is_dir() and tmp.is_dir():
+            # Two renames: directories cannot be swapped in one. Put the old one back if the second fails.
             old = path.parent / f".{path.name}.old{os.getpid()}"
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
             _remove(old)
         else:
             os.replace(tmp, path)

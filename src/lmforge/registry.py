@@ -6,6 +6,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from lmforge.config import ConfigError
+
 
 class Registry:
     def __init__(self, family: str):
@@ -21,25 +23,27 @@ class Registry:
 
         return deco
 
-    def get(self, name: str) -> Callable[..., Any]:
+    def get(self, name: str, key: str = "") -> Callable[..., Any]:
+        """The entry called `name`; `key` is the config key that chose it, named in the error."""
         if name not in self._items:
             known = ", ".join(sorted(self._items)) or "(none)"
-            raise KeyError(f"unknown {self.family} {name!r}; known: {known}")
+            loc = f"{key}: " if key else ""
+            raise ConfigError(f"{loc}unknown {self.family} {name!r}; known: {known}")
         return self._items[name]
 
     def names(self) -> list[str]:
         return sorted(self._items)
 
-    def build(self, name: str, where: str = "", **kwargs: Any) -> Any:
+    def build(self, name: str, where: str = "", name_key: str = "", **kwargs: Any) -> Any:
         """Instantiate `name` with kwargs, naming the bad key (and `where` it came from) on error."""
-        obj = self.get(name)
+        obj = self.get(name, name_key)
         params = inspect.signature(obj).parameters
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             accepted = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
             for key in kwargs:
                 if key not in accepted:
                     loc = f"{where}." if where else ""
-                    raise ValueError(
+                    raise ConfigError(
                         f"{loc}{key}: unknown option for {self.family} {name!r}; accepted: {', '.join(accepted)}"
                     )
         return obj(**kwargs)

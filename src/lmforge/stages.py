@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lmforge.config import ConfigError, ModelConfig, RunConfig, build, save_config, to_dict
+from lmforge.config import ConfigError, RunConfig, build, save_config, to_dict
 from lmforge.io_utils import atomic_write_json
 
 
@@ -112,8 +112,13 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
 
     paths = RunPaths(cfg.out)
     train_ds, _ = _datasets(paths)
+    tokenizer_vocab = load_tokenizer(paths.tokenizer).get_vocab_size()
     if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = load_tokenizer(paths.tokenizer).get_vocab_size()
+        cfg.model.vocab_size = tokenizer_vocab
+    elif cfg.model.vocab_size < tokenizer_vocab:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} (0 = match it)"
+        )
     latest = find_latest(paths.checkpoints) if cfg.train.resume else None
     if latest is not None and read_state(latest)["config"]["model"] != to_dict(cfg.model):
         raise ConfigError(
@@ -139,8 +144,9 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
     }
 
 
-def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, ModelConfig, Path]:
-    """The model of `eval.checkpoint` (default: the latest), built from the config saved with it."""
+def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, RunConfig, Path]:
+    """The model of `eval.checkpoint` (default: the latest), built from the config saved with it;
+    returns that saved config too (its model and objective are the ones trained)."""
     from lmforge.models import build_model
     from lmforge.train.checkpoint import find_latest, load_weights, read_state
 
@@ -148,10 +154,10 @@ def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, ModelConfig, Path]:
     ckpt = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else find_latest(paths.checkpoints)
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint in {paths.checkpoints}: run `lmforge train` first")
-    model_cfg = build(ModelConfig, read_state(_need(ckpt, "train"))["config"]["model"], "model")
-    model = build_model(model_cfg)
+    trained = build(RunConfig, read_state(_need(ckpt, "train"))["config"], "")
+    model = build_model(trained.model)
     load_weights(ckpt, model)
-    return model.eval(), model_cfg, ckpt
+    return model.eval(), trained, ckpt
 
 
 # ---------------------------------------------------------------------------- eval and use
@@ -159,35 +165,45 @@ def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, ModelConfig, Path]:
 
 def stage_eval(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     from lmforge.eval.perplexity import evaluate, unigram_cross_entropy
+    from lmforge.objectives import build_objective
     from lmforge.train.trainer import resolve_device
 
     paths = RunPaths(cfg.out)
-    model, model_cfg, ckpt = load_trained(cfg)
+    model, trained, ckpt = load_trained(cfg)
     device = resolve_device(cfg.train.device)
     train_ds, val_ds = _datasets(paths)
-    metrics = evaluate(
-        model.to(device), val_ds, cfg.train.seq_len, cfg.eval.batch_size, cfg.eval.max_tokens, device, progress
+    objective = build_objective(trained.objective.name, **trained.objective.options)
+    metrics: dict[str, Any] = evaluate(
+        model.to(device), val_ds, objective, trained.train.seq_len, cfg.eval.batch_size, cfg.eval.max_tokens,
+        device, progress, seed=cfg.seed,
     )
-    metrics["unigram_loss"] = unigram_cross_entropy(train_ds, val_ds, model_cfg.vocab_size)
+    metrics["unigram_loss"] = unigram_cross_entropy(train_ds, val_ds, trained.model.vocab_size)
     metrics["checkpoint"] = str(ckpt)
+    atomic_write_json(paths.eval, metrics)  # kept even if sampling below fails
     metrics["prompt"] = cfg.eval.generate.prompt
-    metrics["sample"] = stage_generate(cfg)["text"]
+    metrics["sample"] = _sample(cfg, model, device)
     atomic_write_json(paths.eval, metrics)
     return metrics
 
 
 def stage_generate(cfg: RunConfig, prompt: str | None = None) -> dict[str, Any]:
+    from lmforge.train.trainer import resolve_device
+
+    model, _, ckpt = load_trained(cfg)
+    device = resolve_device(cfg.train.device)
+    return {"checkpoint": str(ckpt), "text": _sample(cfg, model.to(device), device, prompt)}
+
+
+def _sample(cfg: RunConfig, model: torch.nn.Module, device: torch.device, prompt: str | None = None) -> str:
     from lmforge.eval.generate import generate
     from lmforge.tokenizer.train import load_tokenizer
 
-    paths = RunPaths(cfg.out)
-    model, _, ckpt = load_trained(cfg)
     g = cfg.eval.generate
-    text = generate(
-        model, load_tokenizer(_need(paths.tokenizer, "tokenizer")), g.prompt if prompt is None else prompt,
-        max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=cfg.seed,
+    return generate(
+        model, load_tokenizer(_need(RunPaths(cfg.out).tokenizer, "tokenizer")),
+        g.prompt if prompt is None else prompt, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+        top_k=g.top_k, top_p=g.top_p, seed=cfg.seed, device=str(device),
     )
-    return {"checkpoint": str(ckpt), "text": text}
 
 
 def stage_export(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
@@ -195,7 +211,8 @@ def stage_export(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     from lmforge.tokenizer.train import load_tokenizer
 
     paths = RunPaths(cfg.out)
-    model, model_cfg, ckpt = load_trained(cfg)
+    model, trained, ckpt = load_trained(cfg)
+    model_cfg = trained.model
     out_dir = Path(cfg.export.dir) if cfg.export.dir else cfg.out / "export" / "hf"
     path = export_hf_llama(model, model_cfg, _need(paths.tokenizer, "tokenizer"), out_dir, cfg.eval.generate)
     result: dict[str, Any] = {"path": str(path), "checkpoint": str(ckpt)}

@@ -408,10 +408,48 @@ def shard_paths(where: str | Path) -> list[Path]:
     return matches
 
 
+class ShardReadError(ValueError):
+    """A document shard of the data stage cannot be read back; the message names the file, and the
+    line when one line is at fault."""
+
+
 def read_documents(where: str | Path) -> Iterator[Document]:
-    """Documents written by ShardWriter, shard by shard in order."""
+    """Documents written by ShardWriter, shard by shard in order.
+
+    Our own shards hold only what ShardWriter wrote, so unlike user inputs nothing is quarantined:
+    a damaged shard means the data stage's output is broken, and raises ShardReadError.
+    """
     for path in shard_paths(where):
-        with open_binary(path) as f:
-            for line in f:
-                rec = json.loads(line)
-                yield Document(id=rec["id"], text=rec["text"], source=rec["source"], meta=rec.get("meta", {}))
+        for line_no, raw in _shard_lines(path):
+            yield _shard_document(path, line_no, raw)
+
+
+def _shard_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of one shard; a shard cut short or corrupted raises ShardReadError."""
+    line_no = 0
+    with open_binary(path) as f:
+        try:
+            for line_no, raw in enumerate(f, 1):
+                yield line_no, raw
+        except EOFError as e:
+            raise ShardReadError(f"{path}: truncated after line {line_no} ({e}); rerun `lmforge data`") from e
+        except _UNREADABLE as e:
+            raise ShardReadError(
+                f"{path}: unreadable after line {line_no}: {type(e).__name__}: {e}; rerun `lmforge data`"
+            ) from e
+    # ShardWriter creates a shard only for a document, so an empty one lost its whole content.
+    if line_no == 0:
+        raise ShardReadError(f"{path}: truncated: the shard holds no documents; rerun `lmforge data`")
+
+
+def _shard_document(path: Path, line_no: int, raw: bytes) -> Document:
+    try:
+        rec = json.loads(raw)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise ShardReadError(f"{path}:{line_no}: invalid JSON: {e}") from e
+    if not isinstance(rec, dict):
+        raise ShardReadError(f"{path}:{line_no}: record is a JSON {type(rec).__name__}, not an object")
+    missing = [k for k in ("id", "text", "source") if k not in rec]
+    if missing:
+        raise ShardReadError(f"{path}:{line_no}: record lacks {', '.join(map(repr, missing))}")
+    return Document(id=rec["id"], text=rec["text"], source=rec["source"], meta=rec.get("meta", {}))

@@ -186,8 +186,10 @@ class _Splitter:
 def run_data_stage(cfg: DataConfig, out_dir: Path, seed: int, progress: bool = True) -> dict[str, Any]:
     """Run stage 1 into `out_dir`: train/ and val/ shards, removed.jsonl and ledger.json.
 
-    Outputs are replaced only when the whole stage succeeds; a failed run leaves the previous
-    ones untouched.
+    `out_dir` belongs to the stage and is replaced as a whole: everything is built in a temporary
+    sibling directory that takes its place only when the stage succeeds. Swapping the files one by
+    one could leave a new val/ beside an old train/ after a crash, leaking documents across splits;
+    a failed run leaves the previous outputs untouched.
     """
     steps = build_steps(cfg)  # a bad recipe fails here, before any data is read
     for i, spec in enumerate(cfg.inputs):
@@ -195,29 +197,9 @@ def run_data_stage(cfg: DataConfig, out_dir: Path, seed: int, progress: bool = T
             input_files(spec)
         except FileNotFoundError as e:
             raise ConfigError(f"data.inputs[{i}].path: {e}") from e
-    out_dir = Path(out_dir)
-    with (
-        atomic_path(out_dir / "removed.jsonl") as removed_tmp,
-        Ledger(removed_tmp, steps=[READ_STEP] + [s.name for s in steps]) as ledger,
-        atomic_path(out_dir / "train") as train_tmp,
-        atomic_path(out_dir / "val") as val_tmp,
-    ):
-        with ShardWriter(train_tmp, cfg.docs_per_shard) as tw, ShardWriter(val_tmp, cfg.docs_per_shard) as vw:
-            splitter = _Splitter(tw, vw, seed, cfg.val_fraction)
-            # The bar counts documents read, the one total that relates to the input's size.
-            docs: Iterable[Document] = tqdm(read_inputs(cfg, ledger), desc="data", unit="doc", disable=not progress)
-            for step in steps:
-                docs = run_step(step, docs, ledger)
-            for doc in docs:
-                splitter.add(doc)
-            splitter.finish()
-        ledger.check()
-        split = splitter.counts()
-        ledger_json = ledger.to_json()
-        for source, row in ledger_json["per_source"].items():
-            row.update(splitter.per_source.get(source, {"train_docs": 0, "val_docs": 0}))
-        ledger_json["split"] = {"seed": seed, "val_fraction": cfg.val_fraction, **split}
-    atomic_write_json(out_dir / "ledger.json", ledger_json)
+    with atomic_path(Path(out_dir)) as tmp:
+        tmp.mkdir()
+        ledger, split, ledger_json = _build_outputs(cfg, steps, tmp, seed, progress)
     totals = ledger.totals()
     table = ledger.summary_table() + f"\nsplit (seed {seed}): {split['train']} train, {split['val']} val"
     return {
@@ -231,3 +213,31 @@ def run_data_stage(cfg: DataConfig, out_dir: Path, seed: int, progress: bool = T
         "ledger": ledger_json,
         "table": table,
     }
+
+
+def _build_outputs(
+    cfg: DataConfig, steps: list[Step], out_dir: Path, seed: int, progress: bool
+) -> tuple[Ledger, dict[str, int], dict[str, Any]]:
+    """Write all of the stage's outputs into the fresh directory `out_dir`; returns the closed
+    ledger, the split counts and ledger.json's content."""
+    with Ledger(out_dir / "removed.jsonl", steps=[READ_STEP] + [s.name for s in steps]) as ledger:
+        with (
+            ShardWriter(out_dir / "train", cfg.docs_per_shard) as tw,
+            ShardWriter(out_dir / "val", cfg.docs_per_shard) as vw,
+        ):
+            splitter = _Splitter(tw, vw, seed, cfg.val_fraction)
+            # The bar counts documents read, the one total that relates to the input's size.
+            docs: Iterable[Document] = tqdm(read_inputs(cfg, ledger), desc="data", unit="doc", disable=not progress)
+            for step in steps:
+                docs = run_step(step, docs, ledger)
+            for doc in docs:
+                splitter.add(doc)
+            splitter.finish()
+        ledger.check()
+    split = splitter.counts()
+    ledger_json = ledger.to_json()
+    for source, row in ledger_json["per_source"].items():
+        row.update(splitter.per_source.get(source, {"train_docs": 0, "val_docs": 0}))
+    ledger_json["split"] = {"seed": seed, "val_fraction": cfg.val_fraction, **split}
+    atomic_write_json(out_dir / "ledger.json", ledger_json)
+    return ledger, split, ledger_json

@@ -6,10 +6,10 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from lmforge.objectives.base import Objective, masked_nll
 from lmforge.tokens.loader import sequential_windows
 from lmforge.tokens.shards import TokenDataset
 
@@ -18,22 +18,28 @@ from lmforge.tokens.shards import TokenDataset
 def evaluate(
     model: nn.Module,
     dataset: TokenDataset,
+    objective: Objective,
     seq_len: int,
     batch_size: int,
     max_tokens: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    seed: int = 0,
 ) -> dict[str, float]:
-    """Mean next-token loss (nats) over in-order windows of `dataset`, with ppl and bits/byte."""
+    """Mean loss (nats per target token) over in-order windows of `dataset`, with ppl and bits/byte.
+
+    Batches go through the training objective, so the layout (document masking, prefixes) and the
+    loss mask are the ones the model was trained with."""
     was_training = model.training
     model.eval()
-    nats, count = 0.0, 0
-    windows = sequential_windows(dataset, seq_len + 1, batch_size, max_tokens)
-    for tokens, _ in tqdm(windows, desc="eval", unit="batch", disable=not progress, dynamic_ncols=True):
-        t = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(device)
-        logits = model(t[:, :-1])
-        nats += float(F.cross_entropy(logits.float().flatten(0, 1), t[:, 1:].flatten(), reduction="sum"))
-        count += t[:, 1:].numel()
+    nats, count = 0.0, 0.0
+    windows = sequential_windows(dataset, objective.window(seq_len), batch_size, max_tokens)
+    for i, (tokens, doc_ids) in enumerate(
+        tqdm(windows, desc="eval", unit="batch", disable=not progress, dynamic_ncols=True)
+    ):
+        ex = objective(tokens, doc_ids, np.random.default_rng([seed, i])).to(device)
+        nats += float(masked_nll(model(ex.input_ids, ex.layout), ex.labels, ex.loss_mask))
+        count += float(ex.loss_mask.sum())
     model.train(was_training)
     if count == 0:
         raise ValueError(f"validation split has fewer than {seq_len + 1} tokens; nothing to evaluate")
@@ -44,7 +50,7 @@ def evaluate(
         "loss": loss,
         "perplexity": math.exp(loss),
         "bits_per_byte": nats / math.log(2) / bytes_covered,
-        "tokens": count,
+        "tokens": int(count),
     }
 
 

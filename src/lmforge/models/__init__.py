@@ -18,7 +18,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         raise ValueError(
             f"model.vocab_size must be > 0 (got {cfg.vocab_size}); set it from the trained tokenizer first"
         )
-    return ARCHITECTURES.get(cfg.arch)(cfg)
+    return ARCHITECTURES.get(cfg.arch, "model.arch")(cfg)
 
 
 def resolve_d_ff(cfg: ModelConfig) -> int:

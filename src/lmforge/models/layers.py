@@ -63,10 +63,21 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        else:
+            # SDPA's enable_gqa runs only on the flash and math kernels, and flash takes no mask: with
+            # both, CUDA silently falls back to math, which materialises fp32 [B, H, T, T] scores.
+            # Full-size k/v let the memory-efficient kernel take the mask.
+            k, v = self._repeat_kv(k), self._repeat_kv(v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, n_kv_heads, T, D] -> [B, n_heads, T, D]; query head h reads kv head h // group, the
+        grouping of transformers' repeat_kv (and of enable_gqa), so exported weights mean the same."""
+        group = self.n_heads // self.n_kv_heads
+        return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
 class Block(nn.Module):

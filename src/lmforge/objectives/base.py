@@ -75,11 +75,11 @@ class Objective(Protocol):
 
 
 def build_objective(name: str, **options: object) -> Objective:
-    return OBJECTIVES.build(name, where="objective.options", **options)
+    return OBJECTIVES.build(name, where="objective.options", name_key="objective.name", **options)
 
 
-def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss (nats) over positions where loss_mask is 1; computed in fp32."""
+def masked_nll(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed loss (nats, fp32) over positions where loss_mask is 1. Callers divide by the mask total
+    of the whole step, so micro-batches (and later ranks) with more target tokens weigh more."""
     losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-    mask = loss_mask.flatten().float()
-    return (losses * mask).sum() / mask.sum().clamp_min(1.0)
+    return (losses * loss_mask.flatten().float()).sum()

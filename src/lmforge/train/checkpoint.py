@@ -41,7 +41,7 @@ def save_checkpoint(
         save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
         atomic_write_json(tmp / "state.json", {**state, "step": step})
     atomic_write_text(root / LATEST, final.name + "\n")
-    _prune(root, keep)
+    _prune(root, step, keep)
     return final
 
 
@@ -121,7 +121,11 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": groups}
 
 
-def _prune(root: Path, keep: int) -> None:
-    dirs = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in dirs[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def _prune(root: Path, current: int, keep: int) -> None:
+    """Keep the newest `keep` checkpoints up to `current`. Later steps are leftovers of an earlier,
+    longer run in the same directory (e.g. train.resume=false): they would outrank `current`."""
+    steps = sorted(int(p.name.removeprefix("step_")) for p in root.glob("step_*") if p.is_dir())
+    older = [s for s in steps if s <= current][:-keep]
+    stale = [s for s in steps if s > current]
+    for s in older + stale:
+        shutil.rmtree(root / step_dir_name(s), ignore_errors=True)

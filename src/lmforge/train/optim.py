@@ -40,4 +40,4 @@ def sgd(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return OPTIMIZERS.get(cfg.optimizer)(model, cfg)
+    return OPTIMIZERS.get(cfg.optimizer, "train.optimizer")(model, cfg)

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lmforge.config import RunConfig, to_dict
-from lmforge.objectives.base import Objective, masked_cross_entropy
+from lmforge.objectives.base import Example, Objective, masked_nll
 from lmforge.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from lmforge.train.metrics import MetricsLog
 from lmforge.train.optim import build_optimizer
@@ -74,8 +74,8 @@ class Trainer:
         self.progress = progress
         self.optimizer = build_optimizer(self.model, self.tc)
         self.schedule = SCHEDULES.build(
-            self.tc.schedule, where="train", lr=self.tc.lr, warmup_steps=self.tc.warmup_steps,
-            max_steps=self.tc.max_steps, min_lr_ratio=self.tc.min_lr_ratio,
+            self.tc.schedule, where="train", name_key="train.schedule", lr=self.tc.lr,
+            warmup_steps=self.tc.warmup_steps, max_steps=self.tc.max_steps, min_lr_ratio=self.tc.min_lr_ratio,
         )
         self.step = 0
         self.tokens_seen = 0
@@ -138,19 +138,19 @@ class Trainer:
         lr = self.schedule(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        accum = self.tc.grad_accum
+        examples = [self._example(micro) for micro in range(self.tc.grad_accum)]
+        # Normalise by the step's total target count, not per micro-batch: objectives with variable
+        # loss masks (prefix LM, MLM, span corruption) would otherwise weigh tokens unequally.
+        n_targets = float(sum(ex.loss_mask.sum() for ex in examples))
         total = 0.0
-        for micro in range(accum):
-            tokens, doc_ids = self.loader.next_batch()
-            rng = np.random.default_rng([self.cfg.seed, self.step, micro])
-            ex = self.objective(tokens, doc_ids, rng).to(self.device)
+        for ex in examples:
             with self._autocast():
                 logits = self.model(ex.input_ids, ex.layout)
-            loss = masked_cross_entropy(logits, ex.labels, ex.loss_mask)
-            (loss / accum).backward()
-            total += loss.item()
+            nll = masked_nll(logits, ex.labels, ex.loss_mask)
+            (nll / max(n_targets, 1.0)).backward()
+            total += nll.item()
             self.tokens_seen += int(ex.input_ids.numel())
-        loss_value = total / accum
+        loss_value = total / max(n_targets, 1.0)
         if not math.isfinite(loss_value):
             raise NonFiniteLoss(
                 f"loss is {loss_value} at step {self.step + 1}; last good checkpoint is in {self.ckpt_dir}"
@@ -164,6 +164,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen}
+
+    def _example(self, micro: int) -> Example:
+        tokens, doc_ids = self.loader.next_batch()
+        # Randomness derived from (seed, step, micro) needs no saved state to replay exactly on resume.
+        rng = np.random.default_rng([self.cfg.seed, self.step, micro])
+        return self.objective(tokens, doc_ids, rng).to(self.device)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.tc.precision == "bf16":

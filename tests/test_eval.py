@@ -1,0 +1,70 @@
+"""Perplexity/bits-per-byte and the unigram baseline, checked against direct computation."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.eval.perplexity import evaluate, unigram_cross_entropy
+from lmforge.models import build_model
+from lmforge.objectives import build_objective
+from lmforge.tokens.shards import ShardWriter, TokenDataset
+
+VOCAB = 50
+
+
+def dataset(root: Path, name: str, seed: int, n_docs: int = 12) -> TokenDataset:
+    rng = np.random.default_rng(seed)
+    with ShardWriter(root, name, tokenizer_sha256="t", vocab_size=VOCAB) as w:
+        for _ in range(n_docs):
+            doc = rng.integers(13, VOCAB, size=int(rng.integers(5, 40)))
+            w.add(doc, "s", n_bytes=3 * len(doc))
+    return TokenDataset(root, name)
+
+
+@pytest.fixture()
+def model():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, max_seq_len=64))
+
+
+def test_loss_equals_direct_cross_entropy_over_every_token(tmp_path: Path, model):
+    ds = dataset(tmp_path, "val", 0)
+    seq_len = 16
+    out = evaluate(model, ds, build_objective("lm"), seq_len, batch_size=3)
+    stream = torch.from_numpy(ds.tokens(0, ds.n_tokens).astype(np.int64))
+    nats, count = 0.0, 0
+    for start in range(0, ds.n_tokens - 1, seq_len):  # windows of seq_len+1 overlapping by one token
+        chunk = stream[start : start + seq_len + 1][None]
+        if chunk.shape[1] < 2:
+            continue
+        with torch.no_grad():
+            logits = model(chunk[:, :-1])
+        nats += float(F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"))
+        count += chunk.shape[1] - 1
+    assert out["tokens"] == count == ds.n_tokens - 1
+    assert out["loss"] == pytest.approx(nats / count, rel=1e-5)
+    assert out["perplexity"] == pytest.approx(math.exp(nats / count), rel=1e-5)
+    bytes_covered = count * ds.total_bytes / ds.n_tokens
+    assert out["bits_per_byte"] == pytest.approx(nats / math.log(2) / bytes_covered, rel=1e-5)
+
+
+def test_evaluation_uses_the_objectives_layout(tmp_path: Path, model):
+    ds = dataset(tmp_path, "val", 1)
+    plain = evaluate(model, ds, build_objective("lm"), 32, batch_size=2)
+    masked = evaluate(model, ds, build_objective("lm", document_mask=True), 32, batch_size=2)
+    assert plain["tokens"] == masked["tokens"]
+    assert plain["loss"] != pytest.approx(masked["loss"], rel=1e-6)  # attention stopped at document ends
+
+
+def test_unigram_baseline_matches_formula(tmp_path: Path):
+    train, val = dataset(tmp_path, "train", 2, 30), dataset(tmp_path, "val", 3)
+    counts = np.bincount(train.tokens(0, train.n_tokens), minlength=VOCAB)
+    probs = (counts + 1) / (counts.sum() + VOCAB)
+    v = val.tokens(0, val.n_tokens)
+    expected = -np.log(probs[v]).mean()
+    assert unigram_cross_entropy(train, val, VOCAB) == pytest.approx(expected, rel=1e-9)
