@@ -159,3 +159,17 @@ def test_load_rejects_foreign_special_ids(tmp_path):
         load_tokenizer(tmp_path / "foreign.json")
     with pytest.raises(FileNotFoundError, match="missing.json"):
         load_tokenizer(tmp_path / "missing.json")
+
+
+def test_spread_sample_covers_the_whole_corpus_deterministically():
+    from lmforge.data.document import Document
+    from lmforge.tokenizer.train import spread_sample
+
+    docs = [Document(id=f"d{i}", text=f"text {i}", source="a" if i < 500 else "b") for i in range(1000)]
+    picked = list(spread_sample(docs, 0.3, seed=7))
+    assert picked == list(spread_sample(docs, 0.3, seed=7))
+    assert picked != list(spread_sample(docs, 0.3, seed=8))
+    assert 240 <= len(picked) <= 360
+    numbers = [int(t.split()[1]) for t in picked]
+    assert min(numbers) < 100 and max(numbers) >= 900  # head and tail of the stream both sampled
+    assert len(list(spread_sample(docs, 1.0, seed=7))) == 1000

@@ -63,12 +63,16 @@ def stage_data(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 
 def stage_tokenizer(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     from lmforge.data.io import read_documents
-    from lmforge.tokenizer.train import train_tokenizer
+    from lmforge.tokenizer.train import spread_sample, train_tokenizer
 
     paths = RunPaths(cfg.out)
     docs = read_documents(_need(paths.data / "train", "data"))
-    tok = train_tokenizer((d.text for d in docs), cfg.tokenizer, paths.tokenizer, progress=progress)
-    return {"path": str(paths.tokenizer), "vocab_size": tok.get_vocab_size()}
+    ledger = json.loads(_need(paths.data / "ledger.json", "data").read_text(encoding="utf-8"))
+    corpus_bytes = ledger["totals"]["bytes_kept"]
+    rate = min(1.0, 1.1 * cfg.tokenizer.max_train_bytes / max(corpus_bytes, 1))  # 10% slack; the budget caps it
+    texts = spread_sample(docs, rate, cfg.seed)
+    tok = train_tokenizer(texts, cfg.tokenizer, paths.tokenizer, progress=progress)
+    return {"path": str(paths.tokenizer), "vocab_size": tok.get_vocab_size(), "sample_rate": rate}
 
 
 def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:

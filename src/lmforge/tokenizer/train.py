@@ -6,9 +6,11 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import xxhash
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmforge.config import TokenizerConfig
+from lmforge.data.document import Document
 from lmforge.io_utils import atomic_write_text
 from lmforge.tokenizer.special_tokens import SPECIAL_TOKENS, check_special_tokens
 
@@ -33,6 +35,18 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_path: Path, 
     check_special_tokens(tokenizer, where=f"trained tokenizer {out_path}")
     atomic_write_text(Path(out_path), tokenizer.to_str(pretty=True))
     return tokenizer
+
+
+def spread_sample(docs: Iterable[Document], rate: float, seed: int) -> Iterator[str]:
+    """Texts of a seeded, id-hashed `rate` share of `docs`: when the corpus is bigger than the
+    training budget, the tokenizer sees every source and part of the corpus, not just its head."""
+    if rate >= 1.0:
+        yield from (d.text for d in docs)
+        return
+    threshold = int(rate * 2**64)
+    for d in docs:
+        if xxhash.xxh64_intdigest(d.id.encode("utf-8"), seed=seed) < threshold:
+            yield d.text
 
 
 def _take_bytes(texts: Iterable[str], budget: int) -> Iterator[str]:
