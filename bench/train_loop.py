@@ -74,6 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best of each is kept")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -84,11 +85,14 @@ def main() -> None:
         )
         ds = make_dataset(root / "tokens", 2_000_000)
         peer(cfg, ds)  # warm-up: allocator and thread pools
-        results = {"peer": peer(cfg, ds), "ours": ours(cfg, ds, root)}
+        results = {"peer": 0.0, "ours": 0.0}
+        for i in range(args.repeats):  # interleaved, best-of: a shared machine's noise hits both sides
+            results["peer"] = max(results["peer"], peer(cfg, ds))
+            results["ours"] = max(results["ours"], ours(cfg, ds, root / f"run{i}"))
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     print(f"model d={args.d_model} L={cfg.model.n_layers}, batch {cfg.train.batch_size}x{cfg.train.seq_len}, "
-          f"{args.steps} steps (ours includes one checkpoint)")
+          f"{args.steps} steps, best of {args.repeats} interleaved rounds (ours includes one checkpoint)")
     print(f"nanoGPT-style loop: {results['peer']:,.0f} tok/s")
     print(f"lmforge Trainer:    {results['ours']:,.0f} tok/s")
     print(f"ratio ours/peer:    {results['ours'] / results['peer']:.3f}")

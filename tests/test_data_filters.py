@@ -148,6 +148,7 @@ def test_registry_has_the_seed_rules():
         ({"name": "symbol_ratio", "max_ratio": True}, "data.filters[3].max_ratio"),
         ({"name": "stop_words", "words": []}, "data.filters[3].words"),
         ({"name": "min_words", "sources": [1]}, "data.filters[3].sources"),
+        ({"name": "min_words", "skip_sources": {"a": 1}}, "data.filters[3].skip_sources"),
     ],
 )
 def test_bad_filter_specs_name_the_recipe_key(spec, where):
@@ -164,6 +165,12 @@ def test_sources_restrict_a_filter_and_others_pass_untouched(tmp_path):
     assert kept[0] is docs[1]
     removed = [json.loads(line) for line in (tmp_path / "removed.jsonl").read_text().splitlines()]
     assert removed == [{"id": "p1", "source": "prose", "step": "min_words", "reason": "words=2<5", "detail": {}}]
+
+
+def test_skip_sources_exempt_labels_and_cover_unknown_ones():
+    step = build_filter({"name": "min_words", "min_words": 5, "skip_sources": ["code"]}, 0)
+    docs = [doc("too short", "code", "c1"), doc("too short", "my_forum", "f1"), doc(english(5), "web", "w1")]
+    assert [d.id for d in step(iter(docs), Ledger())] == ["c1", "w1"]
 
 
 def test_transform_applies_only_to_listed_sources():

@@ -53,8 +53,8 @@ class DataConfig:
     filters: list[dict[str, Any]] = field(
         default_factory=lambda: [
             {"name": "min_words", "min_words": 25},
-            {"name": "symbol_ratio", "max_ratio": 0.1, "sources": ["prose"]},
-            {"name": "stop_words", "sources": ["prose"]},
+            {"name": "symbol_ratio", "max_ratio": 0.1, "skip_sources": ["code"]},
+            {"name": "stop_words", "skip_sources": ["code"]},
         ]
     )
     dedup: Literal["exact", "none"] = "exact"

@@ -1,6 +1,6 @@
 """Document filters: rules registered by name and built from recipe entries.
 
-A recipe entry is `{name: <rule>, sources: [..] (optional), <rule options>}`; `build_filter` turns
+A recipe entry is `{name: <rule>, sources: [..] or skip_sources: [..] (optional), <rule options>}`; `build_filter` turns
 it into a pipeline step and names the exact recipe key (`data.filters[i].<key>`) on any error.
 """
 
@@ -23,15 +23,20 @@ def build_filter(spec: dict[str, Any], index: int) -> FilterStep:
     name = options.pop("name", None)
     if not isinstance(name, str) or name not in FILTERS:
         raise ConfigError(f"{where}.name: unknown filter {name!r}; known: {', '.join(FILTERS.names())}")
-    sources = options.pop("sources", None)
-    if isinstance(sources, str):
-        sources = [sources]
-    if sources is not None and not (isinstance(sources, list) and all(isinstance(s, str) for s in sources)):
-        raise ConfigError(f"{where}.sources: expected a list of source labels, got {sources!r}")
+    sources = _labels(options.pop("sources", None), f"{where}.sources")
+    skip_sources = _labels(options.pop("skip_sources", None), f"{where}.skip_sources") or []
     try:
         rule = FILTERS.build(name, where=where, **options)
     except OptionError as e:
         raise ConfigError(f"{where}.{e}") from e
     except ValueError as e:  # unknown option: Registry.build already names where and key
         raise ConfigError(str(e)) from e
-    return FilterStep(rule, sources)
+    return FilterStep(rule, sources, skip_sources=skip_sources)
+
+
+def _labels(value: Any, key: str) -> list[str] | None:
+    if isinstance(value, str):
+        value = [value]
+    if value is not None and not (isinstance(value, list) and all(isinstance(s, str) for s in value)):
+        raise ConfigError(f"{key}: expected a list of source labels, got {value!r}")
+    return value

@@ -64,15 +64,24 @@ def check_number(key: str, value: Any, *, minimum: float = 0.0, integer: bool = 
 
 
 class FilterStep:
-    """Runs one rule as a pipeline step; documents from sources the rule does not cover pass through."""
+    """Runs one rule as a pipeline step; documents from sources the rule does not cover pass through.
+    `sources` lists the labels it covers (None: all); `skip_sources` the labels it never touches,
+    which suits rules meant for prose when the other labels are not known in advance (user data)."""
 
-    def __init__(self, rule: Rule, sources: Iterable[str] | None = None, name: str | None = None):
+    def __init__(
+        self,
+        rule: Rule,
+        sources: Iterable[str] | None = None,
+        name: str | None = None,
+        skip_sources: Iterable[str] = (),
+    ):
         self.rule = rule
         self.sources = None if sources is None else frozenset(sources)
+        self.skip_sources = frozenset(skip_sources)
         self.name = name or rule.name
 
     def applies(self, doc: Document) -> bool:
-        return self.sources is None or doc.source in self.sources
+        return (self.sources is None or doc.source in self.sources) and doc.source not in self.skip_sources
 
     def __call__(self, docs: Iterable[Document], ledger: Ledger) -> Iterator[Document]:
         for doc in docs:
