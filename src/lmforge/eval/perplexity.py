@@ -38,7 +38,7 @@ def evaluate(
         tqdm(windows, desc="eval", unit="batch", disable=not progress, dynamic_ncols=True)
     ):
         ex = objective(tokens, doc_ids, np.random.default_rng([seed, i])).to(device)
-        nats += float(masked_nll(model(ex.input_ids, ex.layout), ex.labels, ex.loss_mask))
+        nats += float(masked_nll(model(**ex.model_inputs()), ex.labels, ex.loss_mask))
         count += float(ex.loss_mask.sum())
     model.train(was_training)
     if count == 0:

@@ -18,6 +18,10 @@ from lmforge.registry import Registry
 OBJECTIVES = Registry("objective")
 
 
+def _move(t: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
 @dataclass
 class AttentionLayout:
     """Who may attend to whom. `doc_ids` keeps attention inside a document for packed rows."""
@@ -44,16 +48,23 @@ class AttentionLayout:
         return allowed[:, None]
 
     def to(self, device: torch.device | str) -> AttentionLayout:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(self, prefix_len=move(self.prefix_len), doc_ids=move(self.doc_ids))
+        return replace(self, prefix_len=_move(self.prefix_len, device), doc_ids=_move(self.doc_ids, device))
 
 
 @dataclass
 class Example:
     input_ids: torch.Tensor  # [B, T] int64
-    labels: torch.Tensor  # [B, T] int64
-    loss_mask: torch.Tensor  # [B, T] float32, 1 where the label counts
+    labels: torch.Tensor  # [B, T'] int64; T' = T except for encoder-decoder objectives
+    loss_mask: torch.Tensor  # [B, T'] float32, 1 where the label counts
     layout: AttentionLayout
+    decoder_input_ids: torch.Tensor | None = None  # [B, T'] for encoder-decoder objectives (T5, BART)
+
+    def model_inputs(self) -> dict[str, object]:
+        """Keyword arguments for any registered model: callers never branch on the architecture."""
+        inputs: dict[str, object] = {"input_ids": self.input_ids, "layout": self.layout}
+        if self.decoder_input_ids is not None:
+            inputs["decoder_input_ids"] = self.decoder_input_ids
+        return inputs
 
     def to(self, device: torch.device | str) -> Example:
         return Example(
@@ -61,6 +72,7 @@ class Example:
             self.labels.to(device),
             self.loss_mask.to(device),
             self.layout.to(device),
+            _move(self.decoder_input_ids, device),
         )
 
 

@@ -145,7 +145,7 @@ class Trainer:
         total = 0.0
         for ex in examples:
             with self._autocast():
-                logits = self.model(ex.input_ids, ex.layout)
+                logits = self.model(**ex.model_inputs())
             nll = masked_nll(logits, ex.labels, ex.loss_mask)
             (nll / max(n_targets, 1.0)).backward()
             total += nll.item()
