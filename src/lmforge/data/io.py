@@ -15,7 +15,6 @@ import glob
 import gzip
 import io
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ import zstandard
 from lmforge.config import InputConfig
 from lmforge.data.document import Document
 from lmforge.data.ledger import Ledger
+from lmforge.io_utils import AtomicFile
 
 READ_STEP = "read"
 PARQUET_BATCH_ROWS = 1024
@@ -342,16 +342,14 @@ class ShardWriter:
         self.paths: list[Path] = []
         self.n_docs = 0
         self._cctx = zstandard.ZstdCompressor(level=level)
-        self._raw: IO[bytes] | None = None
+        self._out: AtomicFile | None = None
         self._sink: Any = None
-        self._tmp: Path | None = None
         self._in_shard = 0
 
     def write(self, doc: Document) -> None:
-        if self._sink is None:
-            self._tmp = self.out_dir / f".shard-{len(self.paths):05d}.jsonl.zst.tmp"
-            self._raw = open(self._tmp, "wb")  # noqa: SIM115 - closed in _commit/_abort
-            self._sink = self._cctx.stream_writer(self._raw, closefd=False)
+        if self._out is None:
+            self._out = AtomicFile(self.out_dir / f"shard-{len(self.paths):05d}.jsonl.zst")
+            self._sink = self._cctx.stream_writer(self._out.file, closefd=False)
         # default=str: parquet meta can hold dates or decimals that JSON has no type for.
         line = json.dumps(doc.to_json(), ensure_ascii=False, default=str) + "\n"
         self._sink.write(line.encode("utf-8"))
@@ -361,26 +359,19 @@ class ShardWriter:
             self._commit()
 
     def _commit(self) -> None:
-        assert self._raw is not None and self._tmp is not None
+        assert self._out is not None
         self._sink.close()
-        self._raw.flush()
-        os.fsync(self._raw.fileno())
-        self._raw.close()
-        final = self.out_dir / f"shard-{len(self.paths):05d}.jsonl.zst"
-        os.replace(self._tmp, final)
-        self.paths.append(final)
-        self._sink = self._raw = self._tmp = None
+        self.paths.append(self._out.commit())
+        self._sink = self._out = None
         self._in_shard = 0
 
     def _abort(self) -> None:
-        if self._raw is not None:
-            self._raw.close()
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-        self._sink = self._raw = self._tmp = None
+        if self._out is not None:
+            self._out.abort()
+        self._sink = self._out = None
 
     def close(self) -> None:
-        if self._sink is not None:
+        if self._out is not None:
             self._commit()
 
     def __enter__(self) -> ShardWriter:

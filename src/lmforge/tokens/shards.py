@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -31,7 +30,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from lmforge.data.document import Document
-from lmforge.io_utils import atomic_write_bytes, atomic_write_json
+from lmforge.io_utils import AtomicFile, atomic_write_bytes, atomic_write_json
 from lmforge.tokenizer.special_tokens import EOS_ID, check_special_tokens
 from lmforge.tokenizer.train import tokenizer_hash
 
@@ -131,7 +130,7 @@ class ShardWriter:
         self._n_shards = 0
         self._listing: list[dict[str, Any]] = []  # one entry per finished shard, for the set manifest
         self._totals: dict[str, dict[str, int]] = {}
-        self._file: BinaryIO | None = None
+        self._out: AtomicFile | None = None  # the shard being written
 
     def __enter__(self) -> ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,11 +143,10 @@ class ShardWriter:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
-            if self._file is not None:
-                self._file.close()
-                self._tmp.unlink(missing_ok=True)
+            if self._out is not None:
+                self._out.abort()
             return
-        if self._file is not None or self._n_shards == 0:
+        if self._out is not None or self._n_shards == 0:
             self._finish_shard()  # with no documents at all, an empty shard keeps the set openable
         self._write_set_manifest()
         self.summary = self._summary()
@@ -159,9 +157,9 @@ class ShardWriter:
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ValueError(f"token id out of range [0, {self.vocab_size}) in a document of {source!r}")
         n = ids.size + 1
-        if self._file is not None and self._shard_tokens + n > self.max_shard_tokens:
+        if self._out is not None and self._shard_tokens + n > self.max_shard_tokens:
             self._finish_shard()
-        if self._file is None:
+        if self._out is None:
             self._start_shard()
         source_id = self._sources.setdefault(source, len(self._sources))
         if source_id >= 2**16:
@@ -182,8 +180,7 @@ class ShardWriter:
 
     def _start_shard(self) -> None:
         self._stem = shard_stem(self.name, self._n_shards)
-        self._tmp = self.out_dir / f".{self._stem}.bin.tmp{os.getpid()}"
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 -- stays open across add() calls
+        self._out = AtomicFile(self.out_dir / f"{self._stem}.bin")
         self._hash = xxhash.xxh64()
         self._buffer: list[np.ndarray] = []
         self._buffered = 0
@@ -195,24 +192,21 @@ class ShardWriter:
         self._per_source: dict[str, dict[str, int]] = {}
 
     def _flush(self) -> None:
-        assert self._file is not None
+        assert self._out is not None
         if self._buffer:
             data = np.concatenate(self._buffer).tobytes()
-            self._file.write(data)
+            self._out.file.write(data)
             self._hash.update(data)
         self._buffer = []
         self._buffered = 0
 
     def _finish_shard(self) -> None:
-        if self._file is None:
+        if self._out is None:
             self._start_shard()
-        assert self._file is not None
+        assert self._out is not None
         self._flush()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        os.replace(self._tmp, self.out_dir / f"{self._stem}.bin")
+        self._out.commit()
+        self._out = None
 
         n_docs = len(self._source_ids)
         _, src_at, bytes_at, size = _index_layout(n_docs)
