@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.config import ConfigError, InputConfig, RunConfig, load_config
+from lmforge.config import ConfigError, InputConfig, RunConfig
+from lmforge.recipe import load_config
 
 
 def test_defaults_are_valid():
@@ -37,7 +38,12 @@ def test_yaml_then_overrides_take_precedence(tmp_path: Path):
         ("eval.batch_size=0", "eval.batch_size"),
         ("eval.generate.top_k=-1", "eval.generate.top_k"),
         ("objective.name=fimm", "objective.name"),
-        ("objective.options={foo: 1}", "objective.options.foo"),
+        ("objective.foo=1", "objective.foo"),
+        ("objective.document_mask=maybe", "objective.document_mask"),
+        ("model.arch=encoder_decoder", "objective.name"),  # lm cannot train an encoder-decoder
+        ("model.d_ff=-1", "model.d_ff"),
+        ("model.n_kv_heads=3", "model.n_kv_heads"),
+        ("model.rope_factor=0.5", "model.rope_factor"),
         ("train.optimizer=adafactorr", "train.optimizer"),
         ("train.schedule=wsdd", "train.schedule"),
         ("model.arch=t55", "model.arch"),

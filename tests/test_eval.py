@@ -8,13 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import ModelConfig
 from lmforge.eval.perplexity import evaluate, unigram_cross_entropy
 from lmforge.models import build_model
-from lmforge.objectives import build_objective
+from lmforge.models.decoder import DecoderConfig as ModelConfig
+from lmforge.objectives import ObjectiveContext, build_objective
+from lmforge.objectives.lm import LMConfig
+from lmforge.tokenizer.special_tokens import SpecialTokens
 from lmforge.tokens.shards import ShardWriter, TokenDataset
 
 VOCAB = 50
+
+
+def lm(document_mask: bool = False):
+    return build_objective(LMConfig(document_mask=document_mask), ObjectiveContext(SpecialTokens(eos=0), VOCAB))
 
 
 def dataset(root: Path, name: str, seed: int, n_docs: int = 12) -> TokenDataset:
@@ -35,7 +41,7 @@ def model():
 def test_loss_equals_direct_cross_entropy_over_every_token(tmp_path: Path, model):
     ds = dataset(tmp_path, "val", 0)
     seq_len = 16
-    out = evaluate(model, ds, build_objective("lm"), seq_len, batch_size=3)
+    out = evaluate(model, ds, lm(), seq_len, batch_size=3)
     stream = torch.from_numpy(ds.tokens(0, ds.n_tokens).astype(np.int64))
     nats, count = 0.0, 0
     for start in range(0, ds.n_tokens - 1, seq_len):  # windows of seq_len+1 overlapping by one token
@@ -55,8 +61,8 @@ def test_loss_equals_direct_cross_entropy_over_every_token(tmp_path: Path, model
 
 def test_evaluation_uses_the_objectives_layout(tmp_path: Path, model):
     ds = dataset(tmp_path, "val", 1)
-    plain = evaluate(model, ds, build_objective("lm"), 32, batch_size=2)
-    masked = evaluate(model, ds, build_objective("lm", document_mask=True), 32, batch_size=2)
+    plain = evaluate(model, ds, lm(), 32, batch_size=2)
+    masked = evaluate(model, ds, lm(document_mask=True), 32, batch_size=2)
     assert plain["tokens"] == masked["tokens"]
     assert plain["loss"] != pytest.approx(masked["loss"], rel=1e-6)  # attention stopped at document ends
 

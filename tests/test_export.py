@@ -15,10 +15,11 @@ import transformers
 from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lmforge.config import GenerateConfig, ModelConfig
+from lmforge.config import GenerateConfig
 from lmforge.eval.generate import generate
 from lmforge.export.hf import export_hf_llama, import_hf_llama, verify_hf_export
-from lmforge.models import build_model, resolve_d_ff
+from lmforge.models import build_model
+from lmforge.models.decoder import DecoderConfig as ModelConfig
 
 WORDS = ["the", "model", "reads", "tokens", "and", "writes", "logits", "def", "return", "class", "import",
          "café", "naïve", "日本"]
@@ -77,11 +78,12 @@ def test_transformers_logits_and_tokenizer_match(exported, tokenizer_path: Path)
 def test_files_config_and_weight_names(exported) -> None:
     _, cfg, out = exported
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+        "config.json", "generation_config.json", "model.safetensors", "special_tokens.json", "tokenizer.json",
+        "tokenizer_config.json",
     ]
     assert not list(out.parent.glob(".hf.*")), "temporary directory left behind"
     config = transformers.AutoConfig.from_pretrained(out, local_files_only=True)
-    assert (config.num_key_value_heads, config.intermediate_size) == (2, resolve_d_ff(cfg))
+    assert (config.num_key_value_heads, config.intermediate_size) == (2, cfg.resolved_d_ff())
     assert (config.eos_token_id, config.pad_token_id, config.tie_word_embeddings) == (0, 1, cfg.tie_embeddings)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         names = set(f.keys())
@@ -118,7 +120,7 @@ def test_hf_greedy_generation_matches_ours(exported, tokenizer_path: Path) -> No
 def test_import_round_trips_to_identical_logits(exported) -> None:
     model, cfg, out = exported
     imported, imported_cfg = import_hf_llama(out)
-    assert imported_cfg == dataclasses.replace(cfg, d_ff=resolve_d_ff(cfg))
+    assert imported_cfg == dataclasses.replace(cfg, d_ff=cfg.resolved_d_ff())
     assert (imported.lm_head.weight is imported.embed_tokens.weight) == cfg.tie_embeddings
     ids = torch.randint(0, cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

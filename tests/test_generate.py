@@ -10,9 +10,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 
-from lmforge.config import ModelConfig
 from lmforge.eval.generate import generate
 from lmforge.models import build_model
+from lmforge.models.decoder import DecoderConfig as ModelConfig
 
 WORDS = [f"w{i}" for i in range(2, 32)]
 VOCAB = ["<|endoftext|>", "<|pad|>", *WORDS]

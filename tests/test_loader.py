@@ -75,7 +75,7 @@ def test_same_seed_same_batches(ds, window, batch_size, seed):
     a = PackedLoader(ds, window, batch_size, seed)
     b = PackedLoader(ds, window, batch_size, seed)
     for _ in range(5):
-        (ta, da), (tb, db) = a.next_batch(), b.next_batch()
+        (ta, da, _), (tb, db, _) = a.next_batch(), b.next_batch()
         assert ta.shape == da.shape == (batch_size, window)
         assert ta.dtype == da.dtype == np.int64
         assert np.array_equal(ta, tb) and np.array_equal(da, db)
@@ -139,9 +139,11 @@ def test_ranks_partition_each_global_batch(ds, window, batch_size, world_size, s
     whole = PackedLoader(ds, window, batch_size * world_size, seed)
     for _ in range(4):
         parts = [ld.next_batch() for ld in ranks]
-        tokens, doc_ids = whole.next_batch()
+        tokens, doc_ids, sample_ids = whole.next_batch()
         assert np.array_equal(np.concatenate([p[0] for p in parts]), tokens)
         assert np.array_equal(np.concatenate([p[1] for p in parts]), doc_ids)
+        # The key of each row's objective randomness does not depend on the rank count either.
+        assert np.array_equal(np.concatenate([p.sample_ids for p in parts]), sample_ids)
 
 
 @settings(max_examples=40, deadline=None)
@@ -149,7 +151,7 @@ def test_ranks_partition_each_global_batch(ds, window, batch_size, world_size, s
 def test_doc_ids_change_exactly_after_eos(ds, window, batch_size, seed):
     loader = PackedLoader(ds, window, batch_size, seed)
     for _ in range(4):
-        tokens, doc_ids = loader.next_batch()
+        tokens, doc_ids, _ = loader.next_batch()
         changes = doc_ids[:, 1:] != doc_ids[:, :-1]
         assert np.array_equal(changes, tokens[:, :-1] == EOS_ID)
         assert np.all(np.diff(doc_ids, axis=1) >= 0)
@@ -163,8 +165,8 @@ def test_doc_ids_change_exactly_after_eos(ds, window, batch_size, seed):
 def test_sequential_windows_cover_the_stream_once(ds, window, batch_size, max_tokens):
     n = min(ds.n_tokens, max_tokens) if max_tokens else ds.n_tokens
     batches = list(sequential_windows(ds, window, batch_size, max_tokens))
-    rows = [(t, d) for tokens, doc_ids in batches for t, d in zip(tokens, doc_ids, strict=True)]
-    assert all(len(tokens) <= batch_size for tokens, _ in batches)
+    rows = [(t, d) for tokens, doc_ids, _ in batches for t, d in zip(tokens, doc_ids, strict=True)]
+    assert all(len(tokens) <= batch_size for tokens, *_ in batches)
     assert all(len(t) == window for t, _ in rows[:-1])
     if n < 2:
         assert rows == []
@@ -233,3 +235,10 @@ def test_resume_accepts_same_stream_sharded_differently(ds, tmp_path):
     resumed.load_state_dict(state)
     for _ in range(3):
         assert np.array_equal(resumed.next_batch()[0], loader.next_batch()[0])
+
+
+def test_sample_ids_are_unique_and_new_each_epoch(ds) -> None:
+    loader = PackedLoader(ds, 9, 4, seed=3)
+    seen = np.concatenate([loader.next_batch().sample_ids for _ in range(3 * loader.n_samples // 4)])
+    assert len(set(seen.tolist())) == len(seen)  # an epoch's repeat of a window gets a new id (new noise)
+    assert set((seen % loader.n_samples).tolist()) == set(range(loader.n_samples))

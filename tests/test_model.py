@@ -18,15 +18,27 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.models.llama.modeling_llama import rotate_half as hf_rotate_half
 
-from lmforge.config import ConfigError, ModelConfig
-from lmforge.models import build_model, count_params, resolve_d_ff
+from lmforge.config import ConfigError
+from lmforge.models import build_model, count_params
+from lmforge.models.decoder import DecoderConfig as ModelConfig
 from lmforge.models.layers import RMSNorm
-from lmforge.models.positions import RotaryEmbedding, apply_rotary, rotate_half
+from lmforge.models.masks import self_allowed
+from lmforge.models.positions import RotaryEmbedding, apply_rotary, default_positions, rotate_half
 from lmforge.objectives.base import AttentionLayout
 
 VOCAB = 97
 # A larger init than training's 0.02 makes one token's influence on other positions plainly visible.
 TINY = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, init_std=0.1)
+
+
+def docs(doc_ids: torch.Tensor) -> AttentionLayout:
+    """Causal attention kept inside documents (segment ids start at 1: 0 means padding)."""
+    return AttentionLayout(causal=True, segment_ids=doc_ids + 1)
+
+
+def prefix(prefix_len: torch.Tensor, seq_len: int, doc_ids: torch.Tensor | None = None) -> AttentionLayout:
+    flags = torch.arange(seq_len)[None] < prefix_len[:, None]
+    return AttentionLayout(causal=True, prefix=flags, segment_ids=None if doc_ids is None else doc_ids + 1)
 
 
 def tiny(**overrides: object) -> torch.nn.Module:
@@ -57,7 +69,7 @@ def test_perturbing_a_token_never_changes_earlier_logits(heads: str, data: st.Da
     new = data.draw(st.integers(0, VOCAB - 1).filter(lambda t: t != ids[p]), label="new")
     # doc_ids all equal still routes attention through the explicit boolean-mask path.
     layout = data.draw(
-        st.sampled_from([None, AttentionLayout("causal", doc_ids=torch.zeros(1, seq_len, dtype=torch.long))]),
+        st.sampled_from([None, docs(torch.zeros(1, seq_len, dtype=torch.long))]),
         label="layout",
     )
     before = torch.tensor([ids])
@@ -75,7 +87,7 @@ def test_doc_ids_keep_attention_inside_documents() -> None:
     ids = torch.randint(0, VOCAB, (2, 12))
     # Row 0: documents [0, 5) and [5, 12); row 1: [0, 8) and [8, 12).
     doc_ids = torch.tensor([[0] * 5 + [1] * 7, [3] * 8 + [4] * 4])
-    layout = AttentionLayout("causal", doc_ids=doc_ids)
+    layout = docs(doc_ids)
     perturbed = ids.clone()
     perturbed[:, 3] = (ids[:, 3] + 1) % VOCAB
     hit = changed(logits_with(model, ids, layout), logits_with(model, perturbed, layout))
@@ -87,7 +99,7 @@ def test_prefix_layout_sees_whole_prefix_but_not_beyond() -> None:
     model = MODELS["mha"]
     torch.manual_seed(2)
     ids = torch.randint(0, VOCAB, (2, 10))
-    layout = AttentionLayout("prefix", prefix_len=torch.tensor([4, 6]))
+    layout = prefix(torch.tensor([4, 6]), 10)
 
     def hit_by(pos: int) -> list[list[bool]]:
         perturbed = ids.clone()
@@ -104,7 +116,7 @@ def test_prefix_layout_sees_whole_prefix_but_not_beyond() -> None:
 def reference_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The decoder written out with explicit softmax attention and transformers' repeat_kv, so it
     shares no attention code (SDPA, enable_gqa, our head expansion) with the model."""
-    cos, sin = model.rope(ids.shape[1], ids.device)
+    cos, sin = model.rope(default_positions(ids.shape[1], ids.device))
     B, T = ids.shape
     causal = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
     allowed = causal if mask is None else mask
@@ -127,11 +139,9 @@ def reference_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tens
 
 GQA_LAYOUTS = {
     "causal": None,
-    "doc_ids": AttentionLayout("causal", doc_ids=torch.tensor([[0] * 5 + [1] * 7, [3] * 8 + [4] * 4])),
-    "prefix": AttentionLayout("prefix", prefix_len=torch.tensor([4, 6])),
-    "prefix+doc_ids": AttentionLayout(
-        "prefix", prefix_len=torch.tensor([3, 9]), doc_ids=torch.tensor([[0] * 6 + [1] * 6, [2] * 12])
-    ),
+    "doc_ids": docs(torch.tensor([[0] * 5 + [1] * 7, [3] * 8 + [4] * 4])),
+    "prefix": prefix(torch.tensor([4, 6]), 12),
+    "prefix+doc_ids": prefix(torch.tensor([3, 9]), 12, torch.tensor([[0] * 6 + [1] * 6, [2] * 12])),
 }
 
 
@@ -141,7 +151,7 @@ def test_grouped_query_attention_matches_a_reference(layout: str) -> None:
     torch.manual_seed(3)
     ids = torch.randint(0, VOCAB, (2, 12))
     chosen = GQA_LAYOUTS[layout]
-    mask = None if chosen is None else chosen.mask(12, ids.device)
+    mask = None if chosen is None else self_allowed(chosen, 12, ids.device)
     with torch.no_grad():
         want = reference_logits(model, ids, mask)
     assert_close(logits_with(model, ids, chosen), want, rtol=0, atol=1e-5)
@@ -153,7 +163,7 @@ def test_grouped_query_mask_path_matches_the_maskless_path() -> None:
     model = MODELS["gqa"]
     torch.manual_seed(4)
     ids = torch.randint(0, VOCAB, (3, 16))
-    one_doc = AttentionLayout("causal", doc_ids=torch.tensor([[0] * 16, [5] * 16, [2] * 16]))
+    one_doc = docs(torch.tensor([[0] * 16, [5] * 16, [2] * 16]))
     assert_close(logits_with(model, ids, one_doc), logits_with(model, ids, None), rtol=0, atol=1e-5)
 
 
@@ -193,10 +203,10 @@ def test_param_count_matches_formula(tie: bool, n_kv_heads: int) -> None:
 
 
 def test_resolve_d_ff() -> None:
-    assert resolve_d_ff(ModelConfig(d_model=64)) == 192
-    assert resolve_d_ff(ModelConfig(d_model=4096)) == 10944  # 10922.7 rounded up
-    assert resolve_d_ff(ModelConfig(d_model=768)) == 2048  # exact: no rounding
-    assert resolve_d_ff(ModelConfig(d_model=64, d_ff=100)) == 100
+    assert ModelConfig(d_model=64).resolved_d_ff() == 192
+    assert ModelConfig(d_model=4096).resolved_d_ff() == 10944  # 10922.7 rounded up
+    assert ModelConfig(d_model=768).resolved_d_ff() == 2048  # exact: no rounding
+    assert ModelConfig(d_model=64, d_ff=100).resolved_d_ff() == 100
 
 
 def test_build_model_errors_are_clear() -> None:
@@ -217,8 +227,7 @@ def test_rope_matches_transformers_llama() -> None:
     hf_q, hf_k = apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
 
     rope = RotaryEmbedding(head_dim, theta)
-    rope(seq_len + 20, q.device)  # a longer table cached first must give the same leading rows
-    cos, sin = rope(seq_len, q.device)
+    cos, sin = rope(default_positions(seq_len, q.device))
     assert_close(apply_rotary(q, cos, sin), hf_q, rtol=0, atol=1e-6)
     assert_close(apply_rotary(k, cos, sin), hf_k, rtol=0, atol=1e-6)
     assert torch.equal(rotate_half(q), hf_rotate_half(q))

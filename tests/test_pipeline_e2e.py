@@ -8,7 +8,7 @@ import pytest
 
 from lmforge import stages
 from lmforge.cli import main, run_all, summary
-from lmforge.config import load_config
+from lmforge.recipe import load_config
 
 TINY = [
     "data.builtin.max_prose_bytes=150000",

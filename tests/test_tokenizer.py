@@ -73,7 +73,7 @@ def test_round_trip_any_unicode(trained, text):
 
 
 def test_special_token_ids_fixed(trained, tmp_path):
-    small = train_tokenizer(corpus(50_000, seed=1), TokenizerConfig(vocab_size=300), tmp_path / "t.json", False)
+    small = train_tokenizer(corpus(50_000, seed=1), TokenizerConfig(vocab_size=400), tmp_path / "t.json", False)
     for tokenizer in (trained[0], small):
         for expected, token in enumerate(sp.SPECIAL_TOKENS):
             assert tokenizer.token_to_id(token) == expected
@@ -86,8 +86,21 @@ def test_special_token_ids_fixed(trained, tmp_path):
 
 def test_vocab_size_respected(trained, tmp_path):
     assert trained[0].get_vocab_size() == 500
-    tokenizer = train_tokenizer(corpus(), TokenizerConfig(vocab_size=320), tmp_path / "t.json", progress=False)
-    assert tokenizer.get_vocab_size() == 320
+    tokenizer = train_tokenizer(corpus(), TokenizerConfig(vocab_size=420), tmp_path / "t.json", progress=False)
+    assert tokenizer.get_vocab_size() == 420
+
+
+def test_role_map_saved_with_t5_sentinels_at_the_top(trained):
+    tokenizer, path = trained
+    special = sp.load_special_tokens(path, tokenizer)
+    assert sp.special_tokens_path(path).is_file()
+    assert (special.eos, special.pad, special.mask, special.fim_pad, special.s2s) == (0, 1, 3, 9, 12)
+    assert len(special.sentinels) == sp.N_SENTINELS
+    assert special.sentinels[0] == tokenizer.token_to_id("<extra_id_0>") == tokenizer.get_vocab_size() - 1
+    assert special.sentinels[99] == tokenizer.get_vocab_size() - 100
+    assert list(special.sentinels) == sorted(special.sentinels, reverse=True)
+    assert tokenizer.encode("a<extra_id_7>b").ids[1] == special.sentinels[7]
+    assert sp.SpecialTokens.from_json(special.to_json()) == special
 
 
 def test_no_prefix_space_added(trained):
@@ -97,8 +110,8 @@ def test_no_prefix_space_added(trained):
 
 
 def test_all_bytes_in_alphabet_even_when_unseen(tmp_path):
-    tokenizer = train_tokenizer(["ab ab ab"] * 50, TokenizerConfig(vocab_size=300), tmp_path / "t.json", False)
-    assert tokenizer.get_vocab_size() >= len(sp.SPECIAL_TOKENS) + 256
+    tokenizer = train_tokenizer(["ab ab ab"] * 50, TokenizerConfig(vocab_size=400), tmp_path / "t.json", False)
+    assert tokenizer.get_vocab_size() >= len(sp.SPECIAL_TOKENS) + 256 + sp.N_SENTINELS
     text = "\x00 Ω 😀"
     assert decode(tokenizer, text) == text
     assert None not in tokenizer.encode(text).ids
@@ -151,12 +164,19 @@ def test_load_and_hash(trained, tmp_path):
     assert tokenizer_hash(edited) != tokenizer_hash(path)
 
 
-def test_load_rejects_foreign_special_ids(tmp_path):
+def test_foreign_vocabulary_roles_are_inferred(tmp_path):
     foreign = Tokenizer(models.BPE())
-    foreign.add_special_tokens(["<s>", sp.EOS])
+    foreign.add_special_tokens(["<unk>", "<s>", "</s>", "<extra_id_0>", "<extra_id_1>"])  # Llama / T5 spellings
     foreign.save(str(tmp_path / "foreign.json"))
-    with pytest.raises(ValueError, match=r"foreign\.json: special token '<\|endoftext\|>' has id 1, expected 0"):
-        load_tokenizer(tmp_path / "foreign.json")
+    special = sp.load_special_tokens(tmp_path / "foreign.json")
+    assert (special.eos, special.bos, special.mask, special.sentinels) == (2, 1, None, (3, 4))
+    with pytest.raises(sp.MissingRoleError, match="mlm needs a 'mask' special token"):
+        special.require("mask", "mlm")
+    no_eos = Tokenizer(models.BPE())
+    no_eos.add_special_tokens(["<s>"])
+    no_eos.save(str(tmp_path / "no_eos.json"))
+    with pytest.raises(sp.MissingRoleError, match=r"no_eos\.json: no end-of-document token"):
+        sp.load_special_tokens(tmp_path / "no_eos.json")
     with pytest.raises(FileNotFoundError, match="missing.json"):
         load_tokenizer(tmp_path / "missing.json")
 

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.config import load_config
 from lmforge.models import build_model
-from lmforge.objectives import build_objective
+from lmforge.objectives import ObjectiveContext, build_objective
+from lmforge.recipe import load_config
+from lmforge.tokenizer.special_tokens import SpecialTokens
+from lmforge.tokens.loader import Batch
 from lmforge.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from lmforge.train.optim import build_optimizer
 from lmforge.train.trainer import NonFiniteLoss, Trainer
@@ -26,13 +28,14 @@ class CountingLoader:
         self.window, self.batch, self.cursor = window, batch, 0
 
     def next_batch(self):
-        rows = []
+        rows, ids = [], []
         for _ in range(self.batch):
+            ids.append(self.cursor)
             start = (self.cursor * (self.window - 1)) % (len(self.stream) - self.window)
             rows.append(self.stream[start : start + self.window])
             self.cursor += 1
         tokens = np.stack(rows).astype(np.int64)
-        return tokens, np.zeros_like(tokens)
+        return Batch(tokens, np.zeros_like(tokens), np.array(ids, dtype=np.int64))
 
     def state_dict(self):
         return {"cursor": self.cursor}
@@ -66,7 +69,7 @@ def tiny_cfg(tmp_path: Path, *overrides: str):
 def make_trainer(cfg, run_dir: Path, init_seed: int) -> Trainer:
     torch.manual_seed(init_seed)
     model = build_model(cfg.model)
-    objective = build_objective("lm")
+    objective = build_objective(cfg.objective, ObjectiveContext(SpecialTokens(eos=0), VOCAB, cfg.seed))
     loader = CountingLoader(objective.window(cfg.train.seq_len), cfg.train.batch_size)
     return Trainer(cfg, model, loader, objective, run_dir / "ckpt", run_dir / "metrics.jsonl", progress=False)
 

@@ -11,8 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 from lmforge import stages
-from lmforge.config import ConfigError, RunConfig, load_config
+from lmforge.config import ConfigError, RunConfig
 from lmforge.data.pipeline import DataStageError
+from lmforge.recipe import load_config
 from lmforge.tokens.shards import ShardError
 from lmforge.train.trainer import NonFiniteLoss
 
@@ -56,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", "-c", help="YAML recipe (defaults: the built-in CPU demo)")
         sp.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
         if name == "generate":
-            sp.add_argument("--prompt", help="overrides eval.generate.prompt")
+            what = sp.add_mutually_exclusive_group()
+            what.add_argument("--prompt", help="text to continue (decoders) or to answer (encoder-decoders)")
+            what.add_argument("--fill-mask", metavar="TEXT", help='text with [MASK] placeholders (encoders)')
         sp.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     return p
 
@@ -64,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
     progress = not args.quiet
     if args.stage == "generate":
-        print(stages.stage_generate(cfg, args.prompt)["text"])
+        print(stages.stage_generate(cfg, args.prompt, fill_mask=args.fill_mask)["text"])
         return 0
     if args.stage == "run":
         results = run_all(cfg, progress)

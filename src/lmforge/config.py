@@ -12,13 +12,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
+from lmforge.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A recipe or override is wrong; the message names the dotted key."""
+__all__ = ["ConfigError", "ModelConfig", "ObjectiveConfig", "RunConfig", "parse_config", "register_variant"]
 
 
 @dataclass
@@ -75,26 +75,57 @@ class TokensConfig:
     dtype: Literal["auto", "uint16", "uint32"] = "auto"
 
 
+# ---------------------------------------------------------------- sections chosen by name
+#
+# `model` and `objective` are families: the recipe's `arch` / `name` picks a dataclass that the
+# family registered (models/decoder.py registers DecoderConfig as arch "decoder", ...). This module
+# imports no family; each registers itself through `register_variant` when it is imported.
+
+VARIANTS: dict[type, dict[str, type]] = {}  # base dataclass -> name -> subclass
+
+
+def register_variant(base: type, name: str, cls: type) -> None:
+    if not (dataclasses.is_dataclass(cls) and issubclass(cls, base)):
+        raise TypeError(f"{cls.__name__} must be a dataclass subclassing {base.__name__}")
+    table = VARIANTS.setdefault(base, {})
+    if table.get(name, cls) is not cls:
+        raise ValueError(f"{base.__name__} variant {name!r} is registered twice")
+    table[name] = cls
+
+
 @dataclass
 class ModelConfig:
+    """What every architecture's config has; `arch` chooses the subclass."""
+
+    DISCRIMINATOR: ClassVar[str] = "arch"
+    family: ClassVar[str] = ""  # decoder | encoder | encoder_decoder: which objectives can train it
+
     arch: str = "decoder"
     vocab_size: int = 0  # 0 -> taken from the trained tokenizer
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 0  # 0 -> n_heads (no grouped-query attention)
-    d_ff: int = 0  # 0 -> SwiGLU default: 8/3 * d_model rounded up to a multiple of 64
     max_seq_len: int = 1024
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    init_std: float = 0.02
+
+    def validate(self, where: str) -> None:
+        """Shape checks of this family, raising ConfigError with `where.<key>`."""
+        check(where, "max_seq_len", self.max_seq_len > 0, "must be > 0", self.max_seq_len)
+        check(where, "vocab_size", self.vocab_size >= 0, "must be >= 0 (0 = the tokenizer's)", self.vocab_size)
 
 
 @dataclass
 class ObjectiveConfig:
+    """What every objective's config has; `name` chooses the subclass."""
+
+    DISCRIMINATOR: ClassVar[str] = "name"
+    families: ClassVar[tuple[str, ...]] = ()  # model families it can train
+
     name: str = "lm"
-    options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        """Option checks of this objective, raising ConfigError with `where.<key>`."""
+
+
+def check(where: str, key: str, ok: bool, msg: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{_join(where, key)}: {msg} (got {value!r})")
 
 
 @dataclass
@@ -152,8 +183,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    model: ModelConfig = field(default_factory=lambda: choose_variant(ModelConfig, {}, "model"))
+    objective: ObjectiveConfig = field(default_factory=lambda: choose_variant(ObjectiveConfig, {}, "objective"))
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -166,8 +197,10 @@ class RunConfig:
 # ---------------------------------------------------------------- loading and validation
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the YAML recipe, then `a.b.c=value` overrides; validated, typed."""
+def parse_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML recipe, then `a.b.c=value` overrides; typed and shape-checked.
+    Registry names (filters, optimizers, ...) are checked by `lmforge.recipe.load_config`, which
+    imports the families first; use that one."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -238,6 +271,20 @@ def build(cls: type, data: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
+def choose_variant(base: type, data: Any, where: str) -> Any:
+    """The registered subclass of `base` named by data[base.DISCRIMINATOR] (or its default), built."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    key = base.DISCRIMINATOR
+    default = {f.name: f.default for f in dataclasses.fields(base)}[key]
+    name = data.get(key, default)
+    table = VARIANTS.get(base, {})
+    if name not in table:
+        known = ", ".join(sorted(table)) or "(none registered: load configs with lmforge.load_config)"
+        raise ConfigError(f"{_join(where, key)}: unknown {where} {name!r}; known: {known}")
+    return build(table[name], {**data, key: name}, where)
+
+
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
@@ -247,6 +294,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     args = typing.get_args(tp)
     if tp is Any:
         return value
+    if isinstance(tp, type) and "DISCRIMINATOR" in vars(tp):
+        return choose_variant(tp, value, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict) and hasattr(tp, "from_scalar"):
             return tp.from_scalar(_coerce(str, value, key))
@@ -312,13 +361,7 @@ def validate(cfg: RunConfig) -> None:
         ("seed", cfg.seed >= 0, "must be >= 0"),
         ("data.val_fraction", 0.0 < cfg.data.val_fraction < 0.5, "must be in (0, 0.5)"),
         ("data.docs_per_shard", cfg.data.docs_per_shard > 0, "must be > 0"),
-        ("tokenizer.vocab_size", 300 <= cfg.tokenizer.vocab_size <= 2**32 - 1, "must be in [300, 2^32)"),
-        ("model.d_model", cfg.model.d_model > 0, "must be > 0"),
-        ("model.n_layers", cfg.model.n_layers > 0, "must be > 0"),
-        ("model.n_heads", cfg.model.n_heads > 0 and cfg.model.d_model % cfg.model.n_heads == 0,
-         "must divide model.d_model"),
-        ("model.n_kv_heads", cfg.model.n_kv_heads == 0 or cfg.model.n_heads % cfg.model.n_kv_heads == 0,
-         "must divide model.n_heads"),
+        ("tokenizer.vocab_size", 400 <= cfg.tokenizer.vocab_size <= 2**32 - 1, "must be in [400, 2^32)"),
         ("train.seq_len", 0 < cfg.train.seq_len <= cfg.model.max_seq_len, "must be in (0, model.max_seq_len]"),
         ("train.batch_size", cfg.train.batch_size > 0, "must be > 0"),
         ("train.grad_accum", cfg.train.grad_accum > 0, "must be > 0"),
@@ -343,23 +386,13 @@ def validate(cfg: RunConfig) -> None:
     for key, ok, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg} (got {_get_dotted(cfg, key)!r})")
-    _validate_names(cfg)
-
-
-def _validate_names(cfg: RunConfig) -> None:
-    """Registry names and their options, so a typo fails at load, not after hours of data work."""
-    from lmforge.data.filters import build_filter
-    from lmforge.models import ARCHITECTURES
-    from lmforge.objectives import build_objective
-    from lmforge.train.optim import OPTIMIZERS
-    from lmforge.train.schedules import SCHEDULES
-
-    for i, spec in enumerate(cfg.data.filters):
-        build_filter(spec, i)
-    ARCHITECTURES.get(cfg.model.arch, "model.arch")
-    build_objective(cfg.objective.name, **cfg.objective.options)
-    OPTIMIZERS.get(cfg.train.optimizer, "train.optimizer")
-    SCHEDULES.get(cfg.train.schedule, "train.schedule")
+    cfg.model.validate("model")
+    cfg.objective.validate("objective")
+    if cfg.model.family not in cfg.objective.families:
+        raise ConfigError(
+            f"objective.name: objective {cfg.objective.name!r} cannot train model.arch {cfg.model.arch!r} "
+            f"(a {cfg.model.family} model); it trains: {', '.join(cfg.objective.families)}"
+        )
 
 
 def _get_dotted(cfg: Any, key: str) -> Any:

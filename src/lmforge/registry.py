@@ -1,4 +1,9 @@
-"""Name -> class registries, one per family (filters, architectures, objectives, ...)."""
+"""Name -> factory registries, one per family (filters, architectures, objectives, ...).
+
+A family whose members have their own config dataclass (architectures, objectives) pairs each
+factory with that class: registering it also registers the class as a config variant, so the
+recipe's `arch:` / `name:` picks the dataclass and each member validates its own options.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,29 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from lmforge.config import ConfigError
+from lmforge.config import register_variant
+from lmforge.errors import ConfigError
 
 
 class Registry:
-    def __init__(self, family: str):
+    def __init__(self, family: str, config_base: type | None = None):
         self.family = family
+        self.config_base = config_base
         self._items: dict[str, Callable[..., Any]] = {}
+        self._configs: dict[str, type] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(self, name: str, config: type | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        if (config is None) != (self.config_base is None):
+            raise TypeError(f"{self.family} {name!r}: a config class is required exactly when the family has one")
+
         def deco(obj: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._items:
                 raise ValueError(f"{self.family} {name!r} is registered twice")
             self._items[name] = obj
+            if config is not None:
+                assert self.config_base is not None
+                register_variant(self.config_base, name, config)
+                self._configs[name] = config
             return obj
 
         return deco
@@ -30,6 +45,9 @@ class Registry:
             loc = f"{key}: " if key else ""
             raise ConfigError(f"{loc}unknown {self.family} {name!r}; known: {known}")
         return self._items[name]
+
+    def config_class(self, name: str) -> type:
+        return self._configs[name]
 
     def names(self) -> list[str]:
         return sorted(self._items)

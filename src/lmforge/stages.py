@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lmforge.config import ConfigError, RunConfig, build, save_config, to_dict
+from lmforge.config import ConfigError, RunConfig, save_config, to_dict
 from lmforge.io_utils import atomic_write_json
 
 
@@ -106,9 +106,21 @@ def _datasets(paths: RunPaths) -> tuple[Any, Any]:
     return train, val
 
 
+def objective_for(cfg: RunConfig, trained: RunConfig | None = None) -> Any:
+    """The objective `trained` (default: `cfg`) names, built with the run's tokenizer roles."""
+    from lmforge.objectives import ObjectiveContext, build_objective
+    from lmforge.tokenizer.special_tokens import load_special_tokens
+    from lmforge.tokenizer.train import load_tokenizer
+
+    trained = trained or cfg
+    path = _need(RunPaths(cfg.out).tokenizer, "tokenizer")
+    tok = load_tokenizer(path)
+    ctx = ObjectiveContext(load_special_tokens(path, tok), trained.model.vocab_size, cfg.seed, tok)
+    return build_objective(trained.objective, ctx)
+
+
 def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
     from lmforge.models import build_model, count_params
-    from lmforge.objectives import build_objective
     from lmforge.tokenizer.train import load_tokenizer
     from lmforge.tokens.loader import PackedLoader
     from lmforge.train.checkpoint import find_latest, read_state
@@ -130,7 +142,7 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
         )
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
-    objective = build_objective(cfg.objective.name, **cfg.objective.options)
+    objective = objective_for(cfg)
     loader = PackedLoader(train_ds, objective.window(cfg.train.seq_len), cfg.train.batch_size, cfg.seed)
     save_config(cfg, cfg.out / "config.yaml")
     trainer = Trainer(cfg, model, loader, objective, paths.checkpoints, paths.metrics, progress=progress)
@@ -158,7 +170,9 @@ def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, RunConfig, Path]:
     ckpt = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else find_latest(paths.checkpoints)
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint in {paths.checkpoints}: run `lmforge train` first")
-    trained = build(RunConfig, read_state(_need(ckpt, "train"))["config"], "")
+    from lmforge.recipe import config_from_dict
+
+    trained = config_from_dict(read_state(_need(ckpt, "train"))["config"])
     model = build_model(trained.model)
     load_weights(ckpt, model)
     return model.eval(), trained, ckpt
@@ -169,20 +183,20 @@ def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, RunConfig, Path]:
 
 def stage_eval(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     from lmforge.eval.perplexity import evaluate, unigram_cross_entropy
-    from lmforge.objectives import build_objective
     from lmforge.train.trainer import resolve_device
 
     paths = RunPaths(cfg.out)
     model, trained, ckpt = load_trained(cfg)
     device = resolve_device(cfg.train.device)
     train_ds, val_ds = _datasets(paths)
-    objective = build_objective(trained.objective.name, **trained.objective.options)
+    objective = objective_for(cfg, trained)
     metrics: dict[str, Any] = evaluate(
         model.to(device), val_ds, objective, trained.train.seq_len, cfg.eval.batch_size, cfg.eval.max_tokens,
-        device, progress, seed=cfg.seed,
+        device, progress,
     )
     metrics["unigram_loss"] = unigram_cross_entropy(train_ds, val_ds, trained.model.vocab_size)
     metrics["checkpoint"] = str(ckpt)
+    metrics["objective"] = trained.objective.name
     atomic_write_json(paths.eval, metrics)  # kept even if sampling below fails
     metrics["prompt"] = cfg.eval.generate.prompt
     metrics["sample"] = _sample(cfg, model, device)
@@ -190,41 +204,59 @@ def stage_eval(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     return metrics
 
 
-def stage_generate(cfg: RunConfig, prompt: str | None = None) -> dict[str, Any]:
+def stage_generate(cfg: RunConfig, prompt: str | None = None, fill_mask: str | None = None) -> dict[str, Any]:
+    """Sample from the trained model; `fill_mask` is for encoders (text with [MASK] placeholders)."""
     from lmforge.train.trainer import resolve_device
 
     model, _, ckpt = load_trained(cfg)
+    if fill_mask is not None:
+        if model.cfg.family != "encoder":
+            raise ConfigError(f"--fill-mask needs an encoder (model.arch=encoder); this run trained {model.cfg.arch!r}")
+        prompt = fill_mask
     device = resolve_device(cfg.train.device)
     return {"checkpoint": str(ckpt), "text": _sample(cfg, model.to(device), device, prompt)}
 
 
 def _sample(cfg: RunConfig, model: torch.nn.Module, device: torch.device, prompt: str | None = None) -> str:
-    from lmforge.eval.generate import generate
+    """What the family does with a prompt: a decoder continues it, an encoder-decoder answers it (its
+    input), an encoder fills its [MASK] placeholders."""
+    from lmforge.tokenizer.special_tokens import load_special_tokens
     from lmforge.tokenizer.train import load_tokenizer
 
     g = cfg.eval.generate
-    return generate(
-        model, load_tokenizer(_need(RunPaths(cfg.out).tokenizer, "tokenizer")),
-        g.prompt if prompt is None else prompt, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-        top_k=g.top_k, top_p=g.top_p, seed=cfg.seed, device=str(device),
-    )
+    path = _need(RunPaths(cfg.out).tokenizer, "tokenizer")
+    tok = load_tokenizer(path)
+    text = g.prompt if prompt is None else prompt
+    special = load_special_tokens(path, tok)
+    family = model.cfg.family
+    if family == "encoder":
+        from lmforge.eval.fill_mask import fill_mask
+
+        return fill_mask(model, tok, text, special, device=str(device))
+    sampling = dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                    seed=cfg.seed, device=str(device))
+    if family == "encoder_decoder":
+        from lmforge.eval.seq2seq import generate_seq2seq
+
+        return generate_seq2seq(model, tok, text, special, **sampling)
+    from lmforge.eval.generate import generate
+
+    return generate(model, tok, text, special=special, **sampling)
 
 
 def stage_export(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
-    from lmforge.export.hf import export_hf_llama, verify_hf_export
+    from lmforge.export import exporter_for
     from lmforge.tokenizer.train import load_tokenizer
 
     paths = RunPaths(cfg.out)
     model, trained, ckpt = load_trained(cfg)
-    model_cfg = trained.model
+    exporter = exporter_for(trained.model, trained.objective)
     out_dir = Path(cfg.export.dir) if cfg.export.dir else cfg.out / "export" / "hf"
-    path = export_hf_llama(model, model_cfg, _need(paths.tokenizer, "tokenizer"), out_dir, cfg.eval.generate)
-    result: dict[str, Any] = {"path": str(path), "checkpoint": str(ckpt)}
+    path = exporter.export(model, trained.model, _need(paths.tokenizer, "tokenizer"), out_dir, cfg.eval.generate)
+    result: dict[str, Any] = {"path": str(path), "checkpoint": str(ckpt), "format": exporter.name}
     if cfg.export.verify:
-        g = torch.Generator().manual_seed(cfg.seed)
-        ids = torch.randint(0, model_cfg.vocab_size, (2, min(64, model_cfg.max_seq_len)), generator=g)
         # Compare against our own tokenizer, not the exported copy, so a lossy export cannot pass.
-        check = verify_hf_export(model, path, ids, tokenizer=load_tokenizer(paths.tokenizer))
+        check = exporter.verify(model, path, seed=cfg.seed, tokenizer=load_tokenizer(paths.tokenizer))
         result.update(check)
         if not check["max_abs_diff"] < 1e-4 or not check["tokenizer_match"]:
             raise RuntimeError(f"export check failed for {path}: {json.dumps(check)}")

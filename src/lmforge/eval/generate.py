@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from lmforge.tokenizer.special_tokens import EOS
+from lmforge.tokenizer.special_tokens import SpecialTokens, infer_special_tokens
 
 
 @torch.no_grad()
@@ -17,6 +17,7 @@ def generate(
     model: nn.Module,
     tokenizer: Tokenizer,
     prompt: str,
+    special: SpecialTokens | None = None,
     max_new_tokens: int = 64,
     temperature: float = 0.8,
     top_k: int = 40,
@@ -28,12 +29,11 @@ def generate(
     top_k 0 and top_p 1.0 switch those filters off. `model` must be on `device` and have `.cfg`."""
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
-    eos_id = tokenizer.token_to_id(EOS)
+    special = special or infer_special_tokens(tokenizer)
+    eos_id = special.eos
     # Packed training puts EOS before every document start, so a leading EOS makes the prompt the
     # beginning of a document (and gives an empty prompt something to condition on).
-    ids = ([] if eos_id is None else [eos_id]) + tokenizer.encode(prompt).ids
-    if not ids:
-        raise ValueError("empty prompt and the tokenizer has no EOS token to start from")
+    ids = [eos_id] + tokenizer.encode(prompt).ids
     generator = torch.Generator(device=device).manual_seed(seed)
     context = torch.tensor([ids], dtype=torch.long, device=device)
     max_len = model.cfg.max_seq_len

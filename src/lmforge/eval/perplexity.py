@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lmforge.objectives.base import Objective, masked_nll
+from lmforge.objectives.base import Objective, loss_sums, model_logits
 from lmforge.tokens.loader import sequential_windows
 from lmforge.tokens.shards import TokenDataset
 
@@ -24,34 +24,40 @@ def evaluate(
     max_tokens: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = False,
-    seed: int = 0,
 ) -> dict[str, float]:
-    """Mean loss (nats per target token) over in-order windows of `dataset`, with ppl and bits/byte.
+    """Mean loss (nats per target token) over in-order windows of `dataset`, with ppl, bits/byte and
+    the accuracy of the argmax prediction on target tokens (BERT's masked-token accuracy).
 
-    Batches go through the training objective, so the layout (document masking, prefixes) and the
-    loss mask are the ones the model was trained with."""
+    Batches go through the training objective (its randomness keyed by window number, so every eval
+    sees the same corruption), so the layout and the loss mask are the ones the model was trained
+    with. bits/byte is reported for objectives whose targets are the text itself (next-token LM)."""
     was_training = model.training
     model.eval()
-    nats, count = 0.0, 0.0
-    windows = sequential_windows(dataset, objective.window(seq_len), batch_size, max_tokens)
-    for i, (tokens, doc_ids) in enumerate(
-        tqdm(windows, desc="eval", unit="batch", disable=not progress, dynamic_ncols=True)
-    ):
-        ex = objective(tokens, doc_ids, np.random.default_rng([seed, i])).to(device)
-        nats += float(masked_nll(model(**ex.model_inputs()), ex.labels, ex.loss_mask))
+    nats, count, correct, nsp_nats, nsp_count = 0.0, 0.0, 0.0, 0.0, 0.0
+    window = objective.window(seq_len)
+    windows = sequential_windows(dataset, window, batch_size, max_tokens, tail=getattr(objective, "short_rows", False))
+    for batch in tqdm(windows, desc="eval", unit="batch", disable=not progress, dynamic_ncols=True):
+        ex = objective(batch).to(device)
+        output = model(**ex.model_inputs())
+        sums = loss_sums(output, ex)
+        nats += float(sums["lm"])
         count += float(ex.loss_mask.sum())
+        hits = (model_logits(output).argmax(-1) == ex.labels).float() * ex.loss_mask
+        correct += float(hits.sum())
+        if "nsp" in sums:
+            nsp_nats += float(sums["nsp"])
+            nsp_count += ex.nsp_labels.numel()
     model.train(was_training)
     if count == 0:
-        raise ValueError(f"validation split has fewer than {seq_len + 1} tokens; nothing to evaluate")
+        raise ValueError(f"validation split has fewer than {window} tokens; nothing to evaluate")
     loss = nats / count
-    # Bytes covered are estimated from the split's bytes-per-token, exact when the whole split is read.
-    bytes_covered = count * dataset.total_bytes / dataset.n_tokens
-    return {
-        "loss": loss,
-        "perplexity": math.exp(loss),
-        "bits_per_byte": nats / math.log(2) / bytes_covered,
-        "tokens": int(count),
-    }
+    out = {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct / count, "tokens": int(count)}
+    if getattr(objective, "short_rows", False):
+        # Bytes covered are estimated from the split's bytes-per-token, exact when the whole split is read.
+        out["bits_per_byte"] = nats / math.log(2) / (count * dataset.total_bytes / dataset.n_tokens)
+    if nsp_count:
+        out["nsp_loss"] = nsp_nats / nsp_count
+    return out
 
 
 def token_counts(dataset: TokenDataset, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:

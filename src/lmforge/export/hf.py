@@ -1,4 +1,5 @@
-"""E4/E7: export to and import from the Hugging Face Llama format, and check an export loads back.
+"""E4/E7: export the decoder to and import it from the Hugging Face Llama format, and check an export
+loads back.
 
 Our decoder uses transformers' Llama module names and RoPE layout, so weights move across by adding
 or removing the `model.` prefix, with no permutation.
@@ -17,10 +18,12 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
 
-from lmforge.config import GenerateConfig, ModelConfig
+from lmforge.config import GenerateConfig, ModelConfig, ObjectiveConfig
+from lmforge.export import EXPORTERS, Exporter
 from lmforge.io_utils import atomic_path, atomic_write_json
-from lmforge.models import build_model, resolve_d_ff
-from lmforge.tokenizer.special_tokens import EOS, PAD
+from lmforge.models import build_model
+from lmforge.models.decoder import DecoderConfig
+from lmforge.tokenizer.special_tokens import EOS, SpecialTokens, load_special_tokens
 
 # Exercises byte-level merges, unicode, tabs, runs of spaces and a special token in running text.
 SAMPLE_TEXT = f"Hello, world!\n\tdef f(x):  return x ** 2  # café, naïve, 日本語 ✓{EOS}Next doc."
@@ -29,9 +32,33 @@ SAMPLE_TEXT = f"Hello, world!\n\tdef f(x):  return x ** 2  # café, naïve, 日�
 _IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)
 
 
+def llama_refusal(cfg: ModelConfig, objective: ObjectiveConfig | None = None) -> str | None:
+    """Why LlamaForCausalLM cannot compute what this decoder computes, or None."""
+    assert isinstance(cfg, DecoderConfig)
+    if cfg.position != "rope":
+        return f"model.position={cfg.position!r} (Llama has RoPE only)"
+    if cfg.sliding_window:
+        return f"model.sliding_window={cfg.sliding_window} (Llama attends to the whole context)"
+    if objective is not None and objective.name == "prefix_lm":
+        return "a prefix decoder (objective prefix_lm): Llama attends causally everywhere"
+    return None
+
+
+def _rope_kwargs(cfg: DecoderConfig) -> dict[str, Any]:
+    """Exact mappings only: NTK-aware scaling is RoPE with a larger base; linear interpolation is
+    transformers' "linear" rope type."""
+    theta = cfg.rope_theta
+    if cfg.rope_scaling == "ntk":
+        theta *= cfg.rope_factor ** (cfg.head_dim / (cfg.head_dim - 2))
+    kwargs: dict[str, Any] = {"rope_theta": theta}
+    if cfg.rope_scaling == "linear" and cfg.rope_factor != 1.0:
+        kwargs["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_factor}
+    return kwargs
+
+
 def export_hf_llama(
     model: nn.Module,
-    cfg: ModelConfig,
+    cfg: DecoderConfig,
     tokenizer_path: Path,
     out_dir: Path,
     generate: GenerateConfig | None = None,
@@ -41,11 +68,16 @@ def export_hf_llama(
     `generate` sets the sampling defaults in generation_config.json."""
     if cfg.arch != "decoder":
         raise ValueError(f"only the 'decoder' architecture exports to Llama, got model.arch={cfg.arch!r}")
+    why = llama_refusal(cfg)
+    if why:
+        raise ValueError(f"cannot export to LlamaForCausalLM: {why}")
     tokenizer_path = Path(tokenizer_path)
     if tokenizer_path.is_dir():
         tokenizer_path = tokenizer_path / "tokenizer.json"
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    eos_id, pad_id = _token_id(tokenizer, EOS), _token_id(tokenizer, PAD)
+    special = load_special_tokens(tokenizer_path, tokenizer)
+    eos_id = special.eos
+    pad_id = special.pad if special.pad is not None else eos_id
     # Documents are packed as `... <eos> doc <eos> ...`, so EOS is also what precedes a document
     # start: it doubles as BOS (GPT-2 convention) and HF tools that prepend a BOS stay in-distribution.
     ids = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
@@ -53,15 +85,15 @@ def export_hf_llama(
         architectures=["LlamaForCausalLM"],
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
-        intermediate_size=resolve_d_ff(cfg),
+        intermediate_size=cfg.resolved_d_ff(),
         num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
         max_position_embeddings=cfg.max_seq_len,
-        rope_theta=cfg.rope_theta,
         rms_norm_eps=cfg.norm_eps,
         initializer_range=cfg.init_std,
         tie_word_embeddings=cfg.tie_embeddings,
+        **_rope_kwargs(cfg),
         **ids,
     )
     weights = {
@@ -74,22 +106,36 @@ def export_hf_llama(
         tmp.mkdir()
         hf_config.save_pretrained(tmp)
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        # Written by hand rather than by save_pretrained: transformers 5 names its own backend class
-        # there, which transformers 4 cannot load; PreTrainedTokenizerFast loads in both.
-        atomic_write_json(
-            tmp / "tokenizer_config.json",
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": EOS,
-                "eos_token": EOS,
-                "pad_token": PAD,
-                "model_max_length": cfg.max_seq_len,
-                "clean_up_tokenization_spaces": False,
-            },
-        )
+        write_tokenizer_files(tmp, tokenizer_path, special, cfg.max_seq_len, {"bos_token": "eos"})
         _generation_config(ids, generate).save_pretrained(tmp)
     return out_dir
+
+
+def write_tokenizer_files(
+    out: Path, tokenizer_path: Path, special: SpecialTokens, max_len: int, aliases: dict[str, str] | None = None
+) -> None:
+    """tokenizer.json, our role map and a tokenizer_config.json naming the roles' tokens for
+    transformers. `aliases` maps an HF token name to the role that plays it (Llama: bos -> eos).
+    Written by hand rather than by save_pretrained: transformers 5 names its own backend class there,
+    which transformers 4 cannot load; PreTrainedTokenizerFast loads in both."""
+    shutil.copyfile(tokenizer_path, out / "tokenizer.json")
+    atomic_write_json(out / "special_tokens.json", special.to_json())
+    names = {"bos_token": "bos", "eos_token": "eos", "pad_token": "pad", "mask_token": "mask",
+             "cls_token": "cls", "sep_token": "sep", "unk_token": None}
+    names.update(aliases or {})
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
+                              "clean_up_tokenization_spaces": False}
+    for hf_name, role in names.items():
+        if role is not None and role in special.tokens:
+            config[hf_name] = special.tokens[role]
+    atomic_write_json(out / "tokenizer_config.json", config)
+
+
+def verify_llama(model: nn.Module, out_dir: Path, seed: int = 0, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (2, min(64, cfg.max_seq_len)), generator=g)
+    return verify_hf_export(model, out_dir, ids, tokenizer)
 
 
 def verify_hf_export(
@@ -114,9 +160,15 @@ def verify_hf_export(
         ours = model(input_ids).float()
         theirs = hf_model(input_ids).logits.float()
     diff = (ours - theirs).abs().max().item()
+    return tokenizer_check(out_dir, diff, tokenizer, sample_text)
 
+
+def tokenizer_check(
+    out_dir: Path, diff: float, tokenizer: Tokenizer | None, sample_text: str = SAMPLE_TEXT
+) -> dict[str, Any]:
+    """The logit check's result plus whether transformers' tokenizer of the export encodes like ours."""
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
-    tokenizer = tokenizer or Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    tokenizer = tokenizer or Tokenizer.from_file(str(Path(out_dir) / "tokenizer.json"))
     our_ids = tokenizer.encode(sample_text).ids
     hf_ids = hf_tokenizer(sample_text)["input_ids"]
     return {
@@ -126,7 +178,7 @@ def verify_hf_export(
     }
 
 
-def import_hf_llama(src: Path) -> tuple[nn.Module, ModelConfig]:
+def import_hf_llama(src: Path) -> tuple[nn.Module, DecoderConfig]:
     """Load a LlamaForCausalLM directory (safetensors, single or sharded) as our decoder in fp32."""
     src = Path(src)
     hf = json.loads((src / "config.json").read_text(encoding="utf-8"))
@@ -149,13 +201,6 @@ def _hf_name(name: str) -> str:
     return name if name.startswith("lm_head.") else f"model.{name}"
 
 
-def _token_id(tokenizer: Tokenizer, token: str) -> int:
-    token_id = tokenizer.token_to_id(token)
-    if token_id is None:
-        raise ValueError(f"tokenizer has no {token!r} token; exports need it for eos/pad ids")
-    return token_id
-
-
 def _generation_config(ids: dict[str, int], generate: GenerateConfig | None) -> Any:
     sampling: dict[str, Any] = {}
     if generate is not None:
@@ -167,7 +212,7 @@ def _generation_config(ids: dict[str, int], generate: GenerateConfig | None) -> 
     return transformers.GenerationConfig(**ids, **sampling)
 
 
-def _model_config(hf: dict[str, Any], src: Path) -> ModelConfig:
+def _model_config(hf: dict[str, Any], src: Path) -> DecoderConfig:
     """Our config for an HF Llama config, refusing features our decoder does not implement (rather
     than importing a model that silently computes something else)."""
     heads = hf["num_attention_heads"]
@@ -189,7 +234,7 @@ def _model_config(hf: dict[str, Any], src: Path) -> ModelConfig:
     if hidden % heads:
         raise ValueError(f"{src}/config.json: hidden_size {hidden} is not a multiple of {heads} heads")
     kv_heads = hf.get("num_key_value_heads") or heads
-    return ModelConfig(
+    return DecoderConfig(
         arch="decoder",
         vocab_size=hf["vocab_size"],
         d_model=hidden,
@@ -216,3 +261,6 @@ def _read_weights(src: Path) -> dict[str, torch.Tensor]:
             weights.update(load_file(str(src / shard)))
         return weights
     raise FileNotFoundError(f"{src}: no model.safetensors or model.safetensors.index.json (.bin is not read)")
+
+
+EXPORTERS["decoder"] = lambda cfg: Exporter("LlamaForCausalLM", export_hf_llama, verify_llama, llama_refusal)

@@ -1,32 +1,31 @@
-"""Model architectures, chosen by name from `ARCHITECTURES`; each is a plain nn.Module returning logits."""
+"""Model architectures, chosen by `model.arch`; each is a plain nn.Module with its own config class.
+
+Construction allocates parameters; `init_weights()` sets them, as the family's reference does. Build
+on the meta device, parallelise, then `to_empty` + `init_weights` (torchtitan-style), or let
+`build_model` do both on the CPU.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.registry import Registry
-
-ARCHITECTURES = Registry("architecture")
+from lmforge.models.registry import ARCHITECTURES
 
 # Parameters that map token ids to vectors and back; scaling laws count parameters without them.
-EMBEDDING_PARAMS = ("embed_tokens.", "lm_head.")
+EMBEDDING_MODULES = frozenset({"embed_tokens", "embed_positions", "lm_head", "shared", "word_embeddings",
+                               "position_embeddings"})
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def build_model(cfg: ModelConfig, init: bool = True) -> nn.Module:
     if cfg.vocab_size <= 0:
         raise ValueError(
             f"model.vocab_size must be > 0 (got {cfg.vocab_size}); set it from the trained tokenizer first"
         )
-    return ARCHITECTURES.get(cfg.arch, "model.arch")(cfg)
-
-
-def resolve_d_ff(cfg: ModelConfig) -> int:
-    """cfg.d_ff, or for 0 the SwiGLU width 8/3 * d_model (as many parameters as a 4x GELU MLP), rounded
-    up to a multiple of 64 for matmul-friendly shapes."""
-    if cfg.d_ff > 0:
-        return cfg.d_ff
-    return -(-8 * cfg.d_model // (3 * 64)) * 64  # integer ceil: no float rounding at exact multiples
+    model = ARCHITECTURES.get(cfg.arch, "model.arch")(cfg)
+    if init:
+        model.init_weights()
+    return model
 
 
 def count_params(model: nn.Module, non_embedding: bool = False) -> int:
@@ -35,9 +34,9 @@ def count_params(model: nn.Module, non_embedding: bool = False) -> int:
     return sum(
         p.numel()
         for name, p in model.named_parameters()
-        if not (non_embedding and name.startswith(EMBEDDING_PARAMS))
+        if not (non_embedding and EMBEDDING_MODULES.intersection(name.split(".")))
     )
 
 
-# Imported last: the architectures register themselves into ARCHITECTURES defined above.
-from lmforge.models import decoder  # noqa: E402, F401
+# Imported last: the architectures register themselves into ARCHITECTURES.
+from lmforge.models import decoder, encoder_decoder  # noqa: E402, F401

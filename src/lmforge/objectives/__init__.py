@@ -1,6 +1,21 @@
-"""Pretraining objectives: each turns token windows into an Example with an attention layout."""
+"""Pretraining objectives: each turns a batch of token windows into an Example with a layout."""
 
 from lmforge.objectives import lm  # noqa: F401  (registers "lm")
-from lmforge.objectives.base import OBJECTIVES, AttentionLayout, Example, Objective, build_objective
+from lmforge.objectives.base import (
+    OBJECTIVES,
+    AttentionLayout,
+    Batch,
+    Example,
+    Objective,
+    ObjectiveContext,
+    build_objective,
+    loss_sums,
+    masked_nll,
+    model_logits,
+    row_rng,
+)
 
-__all__ = ["OBJECTIVES", "AttentionLayout", "Example", "Objective", "build_objective"]
+__all__ = [
+    "OBJECTIVES", "AttentionLayout", "Batch", "Example", "Objective", "ObjectiveContext", "build_objective",
+    "loss_sums", "masked_nll", "model_logits", "row_rng",
+]

@@ -1,97 +1,178 @@
-"""The objective seam: token windows in, (inputs, labels, loss mask, attention layout) out.
+"""The objective seam: a batch of token windows in, an `Example` out.
 
-Models read only the layout; they never know which objective produced it, so prefix LM, FIM,
-span corruption, MLM and UL2 differ from next-token LM only in `Objective.__call__`.
+An Example holds model inputs, labels, a loss mask and an attention layout given per token, so
+prefix LM, FIM, span corruption, MLM and UL2 differ from next-token LM only in the objective, and
+a model reads only the layout: it never knows which objective produced it. Objectives are built at
+train time from their config and an `ObjectiveContext` (the tokenizer's special-token roles and
+vocabulary), and draw their randomness from (seed, global sample id), never from the rank, so one
+process and N processes corrupt the same sample identically.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 
+from lmforge.config import ObjectiveConfig
 from lmforge.registry import Registry
+from lmforge.tokenizer.special_tokens import SpecialTokens
+from lmforge.tokens.loader import Batch
 
-OBJECTIVES = Registry("objective")
+OBJECTIVES = Registry("objective", config_base=ObjectiveConfig)
 
 
-def _move(t: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:
-    return None if t is None else t.to(device)
+def row_rng(seed: int, sample_id: int, stream: int = 0) -> np.random.Generator:
+    """The generator of one row: a function of the sample alone, so resume, worker and rank counts
+    do not change what noise a sample gets. `stream` separates independent uses (e.g. mix choice)."""
+    return np.random.default_rng([seed, int(sample_id), stream])
 
 
 @dataclass
 class AttentionLayout:
-    """Who may attend to whom. `doc_ids` keeps attention inside a document for packed rows."""
+    """Who may attend to whom, per token, for one stack's self-attention.
 
-    kind: Literal["causal", "prefix", "bidirectional"] = "causal"
-    prefix_len: torch.Tensor | None = None  # [B]; positions < prefix_len see each other (kind="prefix")
-    doc_ids: torch.Tensor | None = None  # [B, T]; attend only where equal
+    - `causal`: False for encoders (every token sees its whole segment).
+    - `segment_ids` [B, T] int: attention stays inside a segment (a packed document or example);
+      0 marks padding, which nothing attends to. None: the row is one segment without padding.
+    - `prefix` [B, T] bool: in a causal layout, tokens flagged True see each other both ways inside
+      their segment (prefix LM, UL2's S-denoiser); later tokens still see them causally.
 
-    def mask(self, seq_len: int, device: torch.device | str) -> torch.Tensor | None:
-        """Boolean [B or 1, 1, T, T] mask (True = may attend), or None for plain causal attention."""
-        if self.kind == "causal" and self.doc_ids is None:
-            return None
-        i = torch.arange(seq_len, device=device)
-        allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)[None]
-        if self.kind in ("causal", "prefix"):
-            allowed = (i[None, :] <= i[:, None])[None]
-        if self.kind == "prefix":
-            assert self.prefix_len is not None, "prefix layout needs prefix_len"
-            in_prefix = i[None, :] < self.prefix_len.to(device)[:, None]  # [B, T]
-            allowed = allowed | (in_prefix[:, None, :] & in_prefix[:, :, None])
-        if self.doc_ids is not None:
-            d = self.doc_ids.to(device)
-            allowed = allowed & (d[:, :, None] == d[:, None, :])
-        return allowed[:, None]
+    Cross-attention from a decoder to an encoder is allowed where the two tokens' segment ids are
+    equal and the encoder token is not padding.
+    """
+
+    causal: bool = True
+    segment_ids: torch.Tensor | None = None
+    prefix: torch.Tensor | None = None
+
+    @property
+    def is_plain_causal(self) -> bool:
+        """True when SDPA's fused causal kernel computes exactly this layout (no mask tensor)."""
+        return self.causal and self.segment_ids is None and self.prefix is None
 
     def to(self, device: torch.device | str) -> AttentionLayout:
-        return replace(self, prefix_len=_move(self.prefix_len, device), doc_ids=_move(self.doc_ids, device))
+        return replace(self, segment_ids=_move(self.segment_ids, device), prefix=_move(self.prefix, device))
+
+
+def _move(t: Any, device: torch.device | str) -> Any:
+    if isinstance(t, torch.Tensor):
+        return t.to(device)
+    if isinstance(t, AttentionLayout):
+        return t.to(device)
+    return t
 
 
 @dataclass
 class Example:
-    input_ids: torch.Tensor  # [B, T] int64
-    labels: torch.Tensor  # [B, T'] int64; T' = T except for encoder-decoder objectives
-    loss_mask: torch.Tensor  # [B, T'] float32, 1 where the label counts
-    layout: AttentionLayout
-    decoder_input_ids: torch.Tensor | None = None  # [B, T'] for encoder-decoder objectives (T5, BART)
+    """One batch as a model sees it. Fields a family does not use stay None.
 
-    def model_inputs(self) -> dict[str, object]:
-        """Keyword arguments for any registered model: callers never branch on the architecture."""
-        inputs: dict[str, object] = {"input_ids": self.input_ids, "layout": self.layout}
-        if self.decoder_input_ids is not None:
-            inputs["decoder_input_ids"] = self.decoder_input_ids
-        return inputs
+    Decoder-only: input_ids, labels, loss_mask [B, T]; layout over input_ids.
+    Encoder (BERT): labels at masked positions; token_type_ids; nsp_labels [B] (0 = B follows A).
+    Encoder-decoder: input_ids/layout feed the encoder, decoder_input_ids/decoder_layout the decoder;
+    labels and loss_mask are [B, T'] over the decoder. position_ids (any stack) restart at 0 per
+    packed segment; None means 0..T-1.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    layout: AttentionLayout
+    position_ids: torch.Tensor | None = None
+    token_type_ids: torch.Tensor | None = None
+    decoder_input_ids: torch.Tensor | None = None
+    decoder_layout: AttentionLayout | None = None
+    decoder_position_ids: torch.Tensor | None = None
+    nsp_labels: torch.Tensor | None = None
+
+    TARGET_FIELDS = ("labels", "loss_mask", "nsp_labels")
+
+    def model_inputs(self) -> dict[str, Any]:
+        """Keyword arguments for the model: every set field but the targets. Callers never branch on
+        the architecture; a family declares the keywords it reads."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in self.TARGET_FIELDS and getattr(self, f.name) is not None
+        }
 
     def to(self, device: torch.device | str) -> Example:
-        return Example(
-            self.input_ids.to(device),
-            self.labels.to(device),
-            self.loss_mask.to(device),
-            self.layout.to(device),
-            _move(self.decoder_input_ids, device),
-        )
+        return replace(self, **{f.name: _move(getattr(self, f.name), device) for f in fields(self)})
+
+    def target_counts(self) -> dict[str, float]:
+        """Targets per loss term; the trainer sums them over a step's micro-batches and divides by
+        the totals, so micro-batches with more targets weigh more (as one big batch would)."""
+        counts = {"lm": float(self.loss_mask.sum())}
+        if self.nsp_labels is not None:
+            counts["nsp"] = float(self.nsp_labels.numel())
+        return counts
+
+
+def model_logits(output: Any) -> torch.Tensor:
+    """The token logits of a model output: a tensor, or a dict with `logits` (and e.g. `nsp_logits`)."""
+    return output["logits"] if isinstance(output, dict) else output
+
+
+def loss_sums(output: Any, ex: Example) -> dict[str, torch.Tensor]:
+    """Summed losses (nats, fp32) per term; divide each by its total from `target_counts`."""
+    sums = {"lm": masked_nll(model_logits(output), ex.labels, ex.loss_mask)}
+    if ex.nsp_labels is not None:
+        if not isinstance(output, dict) or "nsp_logits" not in output:
+            raise ValueError("the example has NSP labels but the model has no NSP head (model.nsp_head)")
+        sums["nsp"] = F.cross_entropy(output["nsp_logits"].float(), ex.nsp_labels, reduction="sum")
+    return sums
+
+
+def masked_nll(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed loss (nats, fp32) over positions where loss_mask is 1. Labels under a 0 mask may be
+    any id (they are clamped into range, so -100 style fillers are harmless)."""
+    labels = labels.clamp(0, logits.shape[-1] - 1)
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    return (losses * loss_mask.flatten().float()).sum()
+
+
+@dataclass(frozen=True)
+class ObjectiveContext:
+    """What an objective needs from the run, known only at train time."""
+
+    special: SpecialTokens
+    vocab_size: int
+    seed: int = 0
+    tokenizer: Tokenizer | None = None  # FIM re-encodes text; word starts come from token strings
+
+    def token_strings(self) -> list[str]:
+        """Token string of every id (byte-level BPE marks a leading space with 'Ġ')."""
+        if self.tokenizer is None:
+            raise ValueError("this objective needs the tokenizer in its ObjectiveContext")
+        vocab = self.tokenizer.get_vocab()
+        out = [""] * self.vocab_size
+        for token, i in vocab.items():
+            if i < self.vocab_size:
+                out[i] = token
+        return out
 
 
 class Objective(Protocol):
+    short_rows: bool  # True if a row shorter than window(seq_len) is fine (evaluation's last window)
+
     def window(self, seq_len: int) -> int:
         """Raw tokens per row the loader must deliver for model inputs of length seq_len."""
         ...
 
-    def __call__(self, tokens: np.ndarray, doc_ids: np.ndarray, rng: np.random.Generator) -> Example:
-        """tokens, doc_ids: [B, window] arrays from the loader."""
+    def __call__(self, batch: Batch) -> Example:
+        """An Example for the rows of `batch`; rows too short for the objective are left as loss-free
+        padding and counted in `skipped`."""
         ...
 
 
-def build_objective(name: str, **options: object) -> Objective:
-    return OBJECTIVES.build(name, where="objective.options", name_key="objective.name", **options)
+ObjectiveFactory = Callable[[Any, ObjectiveContext], Objective]
 
 
-def masked_nll(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Summed loss (nats, fp32) over positions where loss_mask is 1. Callers divide by the mask total
-    of the whole step, so micro-batches (and later ranks) with more target tokens weigh more."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-    return (losses * loss_mask.flatten().float()).sum()
+def build_objective(cfg: ObjectiveConfig, ctx: ObjectiveContext) -> Objective:
+    """The objective `cfg` names, built with the run's tokenizer roles and vocabulary."""
+    return OBJECTIVES.get(cfg.name, "objective.name")(cfg, ctx)

@@ -1,10 +1,18 @@
-"""Special tokens with fixed ids at the start of every vocabulary.
+"""Special tokens by role: the role -> id map every stage reads instead of fixed ids.
 
-All objectives' tokens are reserved at training time, so switching objective (FIM, MLM, UL2, ...)
-never needs a new tokenizer, and the ids are the same for every vocabulary size.
+lmforge's own tokenizers reserve every objective's tokens when they are trained (the ids below at
+the bottom, 100 T5 sentinels at the top with `<extra_id_0>` the highest id), so switching
+objective never needs a new tokenizer. A foreign vocabulary (an imported model's, Llama's EOS = 2)
+gets its roles inferred from its token strings; an objective that needs a role the map lacks says
+so by name. The map is saved as `special_tokens.json` beside `tokenizer.json`.
 """
 
 from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer
 
@@ -21,32 +29,160 @@ FIM_PAD = "<|fim_pad|>"
 NLU = "[NLU]"  # UL2 mode tokens
 NLG = "[NLG]"
 S2S = "[S2S]"
+N_SENTINELS = 100
 
-# The order is the id: never reorder or insert in the middle, only append.
+
+def sentinel(i: int) -> str:
+    """T5's name for the i-th sentinel; <extra_id_0> replaces the first noise span."""
+    return f"<extra_id_{i}>"
+
+
+# Bottom of lmforge's vocabularies; the order is the id: never reorder or insert, only append.
 SPECIAL_TOKENS: tuple[str, ...] = (
-    EOS,
-    PAD,
-    BOS,
-    MASK,
-    CLS,
-    SEP,
-    FIM_PREFIX,
-    FIM_MIDDLE,
-    FIM_SUFFIX,
-    FIM_PAD,
-    NLU,
-    NLG,
-    S2S,
+    EOS, PAD, BOS, MASK, CLS, SEP, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD, NLU, NLG, S2S,
 )
+# Added after training, in this order, so <extra_id_0> lands on the highest id as in T5.
+SENTINEL_TOKENS: tuple[str, ...] = tuple(sentinel(i) for i in reversed(range(N_SENTINELS)))
 
+# Ids in a tokenizer lmforge trained (tests and docs); code reads roles from a SpecialTokens map.
 EOS_ID, PAD_ID, BOS_ID, MASK_ID, CLS_ID, SEP_ID = range(6)
 FIM_PREFIX_ID, FIM_MIDDLE_ID, FIM_SUFFIX_ID, FIM_PAD_ID = range(6, 10)
 NLU_ID, NLG_ID, S2S_ID = range(10, 13)
 
+# role -> token strings that play it, ours first, then common foreign spellings (BERT, T5, Llama,
+# GPT-2, StarCoder), so an imported tokenizer's roles are found without configuration.
+ROLE_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "eos": (EOS, "</s>", "<|end_of_text|>", "<eos>", "[SEP]"),
+    "pad": (PAD, "<pad>", "[PAD]"),
+    "bos": (BOS, "<s>", "<|begin_of_text|>", "<bos>", "[CLS]"),
+    "mask": (MASK, "<mask>", "[MASK]"),
+    "cls": (CLS, "[CLS]", "<s>"),
+    "sep": (SEP, "[SEP]", "</s>"),
+    "fim_prefix": (FIM_PREFIX, "<fim_prefix>", "<PRE>"),
+    "fim_middle": (FIM_MIDDLE, "<fim_middle>", "<MID>"),
+    "fim_suffix": (FIM_SUFFIX, "<fim_suffix>", "<SUF>"),
+    "fim_pad": (FIM_PAD, "<fim_pad>"),
+    "nlu": (NLU,),
+    "nlg": (NLG,),
+    "s2s": (S2S,),
+}
+SPECIAL_FILE = "special_tokens.json"
 
-def check_special_tokens(tokenizer: Tokenizer, where: str = "tokenizer") -> None:
-    """Raise if `tokenizer` does not give every special token its fixed id (e.g. a foreign vocabulary)."""
-    for expected, token in enumerate(SPECIAL_TOKENS):
-        got = tokenizer.token_to_id(token)
-        if got != expected:
-            raise ValueError(f"{where}: special token {token!r} has id {got}, expected {expected}")
+
+class MissingRoleError(ValueError):
+    """An objective, export or generation needs a special token the tokenizer does not have."""
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Role -> token id; None where the vocabulary has no such token. `sentinels[i]` is
+    `<extra_id_i>`'s id."""
+
+    eos: int
+    pad: int | None = None
+    bos: int | None = None
+    mask: int | None = None
+    cls: int | None = None
+    sep: int | None = None
+    fim_prefix: int | None = None
+    fim_middle: int | None = None
+    fim_suffix: int | None = None
+    fim_pad: int | None = None
+    nlu: int | None = None
+    nlg: int | None = None
+    s2s: int | None = None
+    sentinels: tuple[int, ...] = field(default_factory=tuple)
+    tokens: dict[str, str] = field(default_factory=dict)  # role -> token string, for exports
+
+    def require(self, role: str, needed_by: str) -> int:
+        value = getattr(self, role)
+        if value is None:
+            raise MissingRoleError(
+                f"{needed_by} needs a {role!r} special token, which this tokenizer does not have; "
+                f"train one with lmforge (it reserves every role) or add it to the tokenizer"
+            )
+        return int(value)
+
+    def require_sentinels(self, n: int, needed_by: str) -> tuple[int, ...]:
+        if len(self.sentinels) < n:
+            raise MissingRoleError(
+                f"{needed_by} needs {n} sentinel tokens (<extra_id_0>..), this tokenizer has {len(self.sentinels)}"
+            )
+        return self.sentinels
+
+    def ids(self) -> frozenset[int]:
+        """Every special id: masking never chooses them and random replacements never draw them."""
+        single = [getattr(self, f.name) for f in fields(self) if f.name not in ("sentinels", "tokens")]
+        return frozenset(int(i) for i in single if i is not None) | frozenset(self.sentinels)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["sentinels"] = list(self.sentinels)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str = "special_tokens.json") -> SpecialTokens:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown or "eos" not in data:
+            raise ValueError(f"{where}: not a special-token map (unknown roles {sorted(unknown)}, or no 'eos')")
+        data = dict(data)
+        data["sentinels"] = tuple(int(i) for i in data.get("sentinels", ()))
+        return cls(**data)
+
+
+def infer_special_tokens(tokenizer: Tokenizer, where: str = "tokenizer") -> SpecialTokens:
+    """The role map of `tokenizer`, found by token strings; it must at least have an EOS."""
+    roles: dict[str, Any] = {}
+    tokens: dict[str, str] = {}
+    for role, candidates in ROLE_CANDIDATES.items():
+        for token in candidates:
+            token_id = tokenizer.token_to_id(token)
+            if token_id is not None:
+                roles[role], tokens[role] = token_id, token
+                break
+    if "eos" not in roles:
+        raise MissingRoleError(f"{where}: no end-of-document token (tried {', '.join(ROLE_CANDIDATES['eos'])})")
+    sentinels: list[int] = []
+    while (token_id := tokenizer.token_to_id(sentinel(len(sentinels)))) is not None:
+        sentinels.append(token_id)
+    return SpecialTokens(**roles, sentinels=tuple(sentinels), tokens=tokens)
+
+
+def special_tokens_path(tokenizer_path: Path) -> Path:
+    tokenizer_path = Path(tokenizer_path)
+    folder = tokenizer_path if tokenizer_path.is_dir() else tokenizer_path.parent
+    return folder / SPECIAL_FILE
+
+
+def save_special_tokens(special: SpecialTokens, tokenizer_path: Path) -> Path:
+    from lmforge.io_utils import atomic_write_json
+
+    path = special_tokens_path(tokenizer_path)
+    atomic_write_json(path, special.to_json())
+    return path
+
+
+def load_special_tokens(tokenizer_path: Path, tokenizer: Tokenizer | None = None) -> SpecialTokens:
+    """The map saved beside `tokenizer_path`, or (for a tokenizer.json without one) inferred and
+    checked against the tokenizer."""
+    path = special_tokens_path(tokenizer_path)
+    if path.is_file():
+        special = SpecialTokens.from_json(json.loads(path.read_text(encoding="utf-8")), str(path))
+        if tokenizer is not None:
+            _check_map(special, tokenizer, path)
+        return special
+    if tokenizer is None:
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    return infer_special_tokens(tokenizer, str(tokenizer_path))
+
+
+def _check_map(special: SpecialTokens, tokenizer: Tokenizer, path: Path) -> None:
+    vocab = tokenizer.get_vocab_size()
+    for role, token in special.tokens.items():
+        if tokenizer.token_to_id(token) != getattr(special, role):
+            got = tokenizer.token_to_id(token)
+            raise ValueError(f"{path}: role {role!r} is {token!r} = {getattr(special, role)}; the tokenizer has {got}")
+    bad = [i for i in special.ids() if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"{path}: special ids {sorted(bad)[:5]} outside the vocabulary of {vocab}")

@@ -12,7 +12,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from lmforge.config import TokenizerConfig
 from lmforge.data.document import Document
 from lmforge.io_utils import atomic_write_text
-from lmforge.tokenizer.special_tokens import SPECIAL_TOKENS, check_special_tokens
+from lmforge.tokenizer.special_tokens import (
+    SENTINEL_TOKENS,
+    SPECIAL_TOKENS,
+    infer_special_tokens,
+    save_special_tokens,
+)
 
 
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_path: Path, progress: bool = True) -> Tokenizer:
@@ -24,7 +29,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_path: Path, 
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size,
+        vocab_size=cfg.vocab_size - len(SENTINEL_TOKENS),  # the sentinels take the top ids
         min_frequency=cfg.min_frequency,
         show_progress=progress,
         special_tokens=list(SPECIAL_TOKENS),
@@ -32,8 +37,13 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_path: Path, 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(_take_bytes(texts, cfg.max_train_bytes), trainer=trainer)
-    check_special_tokens(tokenizer, where=f"trained tokenizer {out_path}")
+    # T5 numbering: appended from <extra_id_99> down, so <extra_id_0> is the highest id.
+    tokenizer.add_special_tokens(list(SENTINEL_TOKENS))
+    special = infer_special_tokens(tokenizer, where=f"trained tokenizer {out_path}")
+    for expected, token in enumerate(SPECIAL_TOKENS):
+        assert tokenizer.token_to_id(token) == expected, f"special token {token!r} moved"
     atomic_write_text(Path(out_path), tokenizer.to_str(pretty=True))
+    save_special_tokens(special, Path(out_path))
     return tokenizer
 
 
@@ -64,13 +74,11 @@ def _take_bytes(texts: Iterable[str], budget: int) -> Iterator[str]:
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
-    """Load a tokenizer.json and check the special-token ids every stage relies on."""
+    """Load a tokenizer.json; its roles come from `load_special_tokens(path, tokenizer)`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
-    tokenizer = Tokenizer.from_file(str(path))
-    check_special_tokens(tokenizer, where=str(path))
-    return tokenizer
+    return Tokenizer.from_file(str(path))
 
 
 def tokenizer_hash(path: Path) -> str:

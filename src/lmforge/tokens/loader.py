@@ -9,11 +9,21 @@ sequence of global batches.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from lmforge.tokens.shards import TokenDataset
+
+
+class Batch(NamedTuple):
+    """Rows of raw tokens: tokens and doc_ids int64 [B, window]; sample_ids int64 [B], the global id of
+    each row (epoch * samples per epoch + sample), which keys the row's objective randomness, so the
+    noise a sample gets does not depend on rank, world size or resume."""
+
+    tokens: np.ndarray
+    doc_ids: np.ndarray
+    sample_ids: np.ndarray
 
 
 def n_windows(n_tokens: int, window: int) -> int:
@@ -67,25 +77,26 @@ class PackedLoader:
             self._perm_epoch = epoch
         return self._perm
 
-    def _take_global(self, count: int) -> np.ndarray:
-        """The next `count` sample numbers, advancing the position (and epoch) past them."""
-        taken = []
+    def _take_global(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next `count` sample numbers and their global ids, advancing the position (and epoch)."""
+        taken, ids = [], []
         while count:
             perm = self._permutation(self.epoch)
             part = perm[self.index : self.index + count]
             taken.append(part)
+            ids.append(part + self.epoch * self.n_samples)
             count -= part.size
             self.index += part.size
             if self.index == self.n_samples:
                 self.epoch += 1
                 self.index = 0
-        return np.concatenate(taken)
+        return np.concatenate(taken), np.concatenate(ids)
 
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens, doc_ids), both int64 [batch_size, window]."""
-        samples = self._take_global(self.batch_size * self.world_size)
-        mine = samples[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return _read_windows(self.dataset, mine * (self.window - 1), self.window)
+    def next_batch(self) -> Batch:
+        """This rank's rows of the next global batch: tokens, doc_ids [batch_size, window], sample_ids."""
+        samples, ids = self._take_global(self.batch_size * self.world_size)
+        rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return _read_windows(self.dataset, samples[rows] * (self.window - 1), self.window, ids[rows])
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -118,19 +129,21 @@ class PackedLoader:
         self._perm_epoch = -1  # the seed may have changed
 
 
-def _read_windows(dataset: TokenDataset, starts: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+def _read_windows(dataset: TokenDataset, starts: np.ndarray, width: int, sample_ids: np.ndarray) -> Batch:
     tokens = np.stack([dataset.tokens(int(s), int(s) + width) for s in starts]).astype(np.int64)
     doc_ids = dataset.doc_index(starts[:, None] + np.arange(width))
-    return tokens, doc_ids
+    return Batch(tokens, doc_ids, np.asarray(sample_ids, dtype=np.int64))
 
 
 def sequential_windows(
-    dataset: TokenDataset, window: int, batch_size: int, max_tokens: int = 0
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """In-order windows at stride window-1 over the first max_tokens tokens (0: all), for evaluation.
+    dataset: TokenDataset, window: int, batch_size: int, max_tokens: int = 0, tail: bool = True
+) -> Iterator[Batch]:
+    """In-order windows at stride window-1 over the first max_tokens tokens (0: all), for evaluation;
+    a window's sample id is its number.
 
     Every token after the first is a target exactly once: full windows come in batches of
-    batch_size (the last batch may be smaller), then any shorter remainder as one final [1, k] row.
+    batch_size (the last batch may be smaller), then, with `tail`, any shorter remainder as one final
+    [1, k] row (objectives that need full windows pass tail=False).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -138,8 +151,8 @@ def sequential_windows(
     n_full = n_windows(n_tokens, window)
     stride = window - 1
     for first in range(0, n_full, batch_size):
-        starts = np.arange(first, min(first + batch_size, n_full), dtype=np.int64) * stride
-        yield _read_windows(dataset, starts, window)
+        numbers = np.arange(first, min(first + batch_size, n_full), dtype=np.int64)
+        yield _read_windows(dataset, numbers * stride, window, numbers)
     tail_start = n_full * stride
-    if n_tokens - tail_start >= 2:  # one input and one target at least
-        yield _read_windows(dataset, np.array([tail_start], dtype=np.int64), n_tokens - tail_start)
+    if tail and n_tokens - tail_start >= 2:  # one input and one target at least
+        yield _read_windows(dataset, np.array([tail_start], dtype=np.int64), n_tokens - tail_start, [n_full])

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from lmforge.data.document import Document
 from lmforge.io_utils import AtomicFile, atomic_write_bytes, atomic_write_json
-from lmforge.tokenizer.special_tokens import EOS_ID, check_special_tokens
+from lmforge.tokenizer.special_tokens import load_special_tokens
 from lmforge.tokenizer.train import tokenizer_hash
 
 INDEX_MAGIC = b"LMFIDX\x00\x00"
@@ -117,6 +117,7 @@ class ShardWriter:
         vocab_size: int,
         dtype: str = "auto",
         max_shard_tokens: int = 2**31,
+        eos_id: int = 0,
     ):
         if max_shard_tokens < 1:
             raise ValueError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
@@ -126,6 +127,7 @@ class ShardWriter:
         self.vocab_size = vocab_size
         self.dtype = choose_dtype(vocab_size, dtype)
         self.max_shard_tokens = max_shard_tokens
+        self.eos_id = eos_id  # the tokenizer's end-of-document role, appended after every document
         self.summary: dict[str, Any] | None = None
         self._n_shards = 0
         self._listing: list[dict[str, Any]] = []  # one entry per finished shard, for the set manifest
@@ -165,7 +167,7 @@ class ShardWriter:
         if source_id >= 2**16:
             raise ValueError("more than 65536 sources in one shard")
         self._buffer.append(ids.astype(self.dtype, copy=False))
-        self._buffer.append(np.array([EOS_ID], dtype=self.dtype))
+        self._buffer.append(np.array([self.eos_id], dtype=self.dtype))
         self._buffered += n
         self._shard_tokens += n
         self._starts.append(self._shard_tokens)
@@ -291,9 +293,9 @@ def write_token_shards(
 ) -> dict[str, Any]:
     """Tokenize `docs` into `out_dir/{name}-NNNNN.{bin,idx,json}` plus the set manifest `{name}.json`;
     return totals and per-source stats."""
-    check_special_tokens(tokenizer, where=str(tokenizer_path))
+    eos_id = load_special_tokens(tokenizer_path, tokenizer).eos
     writer = ShardWriter(
-        out_dir, name, tokenizer_hash(tokenizer_path), tokenizer.get_vocab_size(), dtype, max_shard_tokens
+        out_dir, name, tokenizer_hash(tokenizer_path), tokenizer.get_vocab_size(), dtype, max_shard_tokens, eos_id
     )
     # A document quoting "<|endoftext|>" must not produce a real EOS, or it would split in two.
     previous = tokenizer.encode_special_tokens

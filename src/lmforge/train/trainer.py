@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from lmforge.config import RunConfig, to_dict
-from lmforge.objectives.base import Example, Objective, masked_nll
+from lmforge.objectives.base import Example, Objective, loss_sums
+from lmforge.tokens.loader import Batch
 from lmforge.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from lmforge.train.metrics import MetricsLog
 from lmforge.train.optim import build_optimizer
@@ -28,7 +28,7 @@ from lmforge.train.schedules import SCHEDULES
 
 
 class BatchSource(Protocol):
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray]: ...
+    def next_batch(self) -> Batch: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -138,19 +138,25 @@ class Trainer:
         lr = self.schedule(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        examples = [self._example(micro) for micro in range(self.tc.grad_accum)]
-        # Normalise by the step's total target count, not per micro-batch: objectives with variable
-        # loss masks (prefix LM, MLM, span corruption) would otherwise weigh tokens unequally.
-        n_targets = float(sum(ex.loss_mask.sum() for ex in examples))
-        total = 0.0
+        examples = [self._example() for _ in range(self.tc.grad_accum)]
+        # Normalise each loss term by the step's total target count, not per micro-batch: objectives
+        # with variable loss masks (prefix LM, MLM, span corruption) would otherwise weigh tokens
+        # unequally. Terms (MLM and NSP) are added after each is averaged, as BERT does.
+        counts: dict[str, float] = {}
+        for ex in examples:
+            for term, n in ex.target_counts().items():
+                counts[term] = counts.get(term, 0.0) + n
+        totals = dict.fromkeys(counts, 0.0)
         for ex in examples:
             with self._autocast():
-                logits = self.model(**ex.model_inputs())
-            nll = masked_nll(logits, ex.labels, ex.loss_mask)
-            (nll / max(n_targets, 1.0)).backward()
-            total += nll.item()
+                output = self.model(**ex.model_inputs())
+            sums = loss_sums(output, ex)
+            sum(s / max(counts[t], 1.0) for t, s in sums.items()).backward()
+            for t, s in sums.items():
+                totals[t] += s.item()
             self.tokens_seen += int(ex.input_ids.numel())
-        loss_value = total / max(n_targets, 1.0)
+        terms = {t: totals[t] / max(counts[t], 1.0) for t in totals}
+        loss_value = sum(terms.values())
         if not math.isfinite(loss_value):
             raise NonFiniteLoss(
                 f"loss is {loss_value} at step {self.step + 1}; last good checkpoint is in {self.ckpt_dir}"
@@ -163,13 +169,15 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen}
+        record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen}
+        if len(terms) > 1:
+            record.update({f"loss_{t}": v for t, v in terms.items()})
+        return record
 
-    def _example(self, micro: int) -> Example:
-        tokens, doc_ids = self.loader.next_batch()
-        # Randomness derived from (seed, step, micro) needs no saved state to replay exactly on resume.
-        rng = np.random.default_rng([self.cfg.seed, self.step, micro])
-        return self.objective(tokens, doc_ids, rng).to(self.device)
+    def _example(self) -> Example:
+        # The objective keys its randomness by each row's global sample id: nothing to save for an
+        # exact resume, and every rank count draws the same noise for the same sample.
+        return self.objective(self.loader.next_batch()).to(self.device)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.tc.precision == "bf16":

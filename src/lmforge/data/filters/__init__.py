@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmforge.config import ConfigError
 from lmforge.data.filters import seeds_rules  # noqa: F401 - imported to register its rules
 from lmforge.data.filters.base import FILTERS, Filter, FilterStep, OptionError, Transform
+from lmforge.errors import ConfigError
 
 __all__ = ["FILTERS", "Filter", "FilterStep", "Transform", "build_filter"]
 
