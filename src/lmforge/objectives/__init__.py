@@ -1,6 +1,6 @@
 """Pretraining objectives: each turns a batch of token windows into an Example with a layout."""
 
-from lmforge.objectives import lm  # noqa: F401  (registers "lm")
+from lmforge.objectives import denoising, fim, lm, mix, mlm, prefix_lm, span_corruption, ul2  # noqa: F401  (register)
 from lmforge.objectives.base import (
     OBJECTIVES,
     AttentionLayout,
