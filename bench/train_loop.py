@@ -18,9 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import load_config
 from lmforge.models import build_model
-from lmforge.objectives import build_objective
+from lmforge.objectives import ObjectiveContext, build_objective
+from lmforge.recipe import load_config
+from lmforge.tokenizer.special_tokens import SpecialTokens
 from lmforge.tokens.loader import PackedLoader
 from lmforge.tokens.shards import ShardWriter, TokenDataset
 from lmforge.train.trainer import Trainer
@@ -41,7 +42,7 @@ def make_dataset(root: Path, n_tokens: int) -> TokenDataset:
 
 def ours(cfg, ds: TokenDataset, root: Path) -> float:
     torch.manual_seed(0)
-    objective = build_objective("lm")
+    objective = build_objective(cfg.objective, ObjectiveContext(SpecialTokens(eos=0), VOCAB, cfg.seed))
     loader = PackedLoader(ds, objective.window(cfg.train.seq_len), cfg.train.batch_size, cfg.seed)
     trainer = Trainer(cfg, build_model(cfg.model), loader, objective, root / "ckpt", root / "m.jsonl", progress=False)
     t0 = time.perf_counter()

@@ -105,13 +105,25 @@ def summary(r: dict[str, dict[str, Any]]) -> str:
         f"tokens      {tok['train']['n_tokens']:,} train / {tok['val']['n_tokens']:,} val "
         f"(vocab {r['tokenizer']['vocab_size']:,})",
         f"model       {tr['params']:,} params, {tr['steps']} steps, {tr['tokens_seen']:,} tokens seen",
-        f"validation  loss {ev['loss']:.3f} nats vs unigram baseline {ev['unigram_loss']:.3f} "
-        f"({below:.0%} below); ppl {ev['perplexity']:.1f}; {ev['bits_per_byte']:.3f} bits/byte",
+        f"validation  {ev['objective']} loss {ev['loss']:.3f} nats vs unigram baseline {ev['unigram_loss']:.3f} "
+        f"({below:.0%} below); at init {ev['loss_at_init']:.3f} ({1 - ev['loss'] / ev['loss_at_init']:.0%} below)",
+        f"            {_quality(ev)}",
         f"sample      {ev['prompt']!r} -> {ev['sample']!r}",
-        f"export      {ex['path']} (transformers logits max |diff| {ex.get('max_abs_diff', float('nan')):.1e})",
+        f"export      {ex['path']} ({ex['format']}; transformers logits max |diff| "
+        f"{ex.get('max_abs_diff', float('nan')):.1e})",
         "time        " + ", ".join(f"{k} {v['stage_seconds']:.0f}s" for k, v in r.items()),
     ]
     return "\n".join(lines)
+
+
+def _quality(ev: dict[str, Any]) -> str:
+    """The metrics that fit the objective: bits/byte where targets are the text, accuracy for MLM."""
+    parts = [f"ppl {ev['perplexity']:.1f}", f"target accuracy {ev['accuracy']:.1%}"]
+    if "bits_per_byte" in ev:
+        parts.append(f"{ev['bits_per_byte']:.3f} bits/byte")
+    if "nsp_loss" in ev:
+        parts.append(f"NSP loss {ev['nsp_loss']:.3f}")
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,9 @@ class ObjectiveConfig:
     def validate(self, where: str) -> None:
         """Option checks of this objective, raising ConfigError with `where.<key>`."""
 
+    def check_model(self, model: ModelConfig, where: str) -> None:
+        """Checks that need the model too (MLM with NSP needs an NSP head), after `families` passed."""
+
 
 def check(where: str, key: str, ok: bool, msg: str, value: Any) -> None:
     if not ok:
@@ -393,6 +396,7 @@ def validate(cfg: RunConfig) -> None:
             f"objective.name: objective {cfg.objective.name!r} cannot train model.arch {cfg.model.arch!r} "
             f"(a {cfg.model.family} model); it trains: {', '.join(cfg.objective.families)}"
         )
+    cfg.objective.check_model(cfg.model, "objective")
 
 
 def _get_dotted(cfg: Any, key: str) -> Any:

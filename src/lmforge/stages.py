@@ -190,10 +190,18 @@ def stage_eval(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
     train_ds, val_ds = _datasets(paths)
     objective = objective_for(cfg, trained)
-    metrics: dict[str, Any] = evaluate(
-        model.to(device), val_ds, objective, trained.train.seq_len, cfg.eval.batch_size, cfg.eval.max_tokens,
-        device, progress,
-    )
+
+    def score(m: torch.nn.Module) -> dict[str, Any]:
+        return evaluate(m.to(device), val_ds, objective, trained.train.seq_len, cfg.eval.batch_size,
+                        cfg.eval.max_tokens, device, progress)
+
+    metrics: dict[str, Any] = score(model)
+    # The same objective on the model as training initialised it (same seed): how far training moved
+    # the validation loss, for every family alike.
+    from lmforge.models import build_model
+
+    torch.manual_seed(trained.seed)
+    metrics["loss_at_init"] = score(build_model(trained.model))["loss"]
     metrics["unigram_loss"] = unigram_cross_entropy(train_ds, val_ds, trained.model.vocab_size)
     metrics["checkpoint"] = str(ckpt)
     metrics["objective"] = trained.objective.name
@@ -230,8 +238,10 @@ def _sample(cfg: RunConfig, model: torch.nn.Module, device: torch.device, prompt
     special = load_special_tokens(path, tok)
     family = model.cfg.family
     if family == "encoder":
-        from lmforge.eval.fill_mask import fill_mask
+        from lmforge.eval.fill_mask import PLACEHOLDER, fill_mask
 
+        if prompt is None and PLACEHOLDER not in text:  # a decoder's prompt: ask for what follows it
+            text = f"{text}{PLACEHOLDER}"
         return fill_mask(model, tok, text, special, device=str(device))
     sampling = dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
                     seed=cfg.seed, device=str(device))

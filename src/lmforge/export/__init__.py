@@ -26,7 +26,7 @@ EXPORTERS: dict[str, Callable[[ModelConfig], Exporter]] = {}  # arch -> the expo
 
 
 def exporter_for(model_cfg: ModelConfig, objective_cfg: ObjectiveConfig) -> Exporter:
-    from lmforge.export import hf  # noqa: F401  (registers the exporters)
+    from lmforge.export import bert, hf, t5  # noqa: F401  (registers the exporters)
 
     if model_cfg.arch not in EXPORTERS:
         raise ValueError(f"model.arch {model_cfg.arch!r} has no Hugging Face export; known: {', '.join(EXPORTERS)}")

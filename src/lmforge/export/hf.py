@@ -107,7 +107,7 @@ def export_hf_llama(
         hf_config.save_pretrained(tmp)
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_tokenizer_files(tmp, tokenizer_path, special, cfg.max_seq_len, {"bos_token": "eos"})
-        _generation_config(ids, generate).save_pretrained(tmp)
+        generation_config(ids, generate).save_pretrained(tmp)
     return out_dir
 
 
@@ -184,7 +184,7 @@ def import_hf_llama(src: Path) -> tuple[nn.Module, DecoderConfig]:
     hf = json.loads((src / "config.json").read_text(encoding="utf-8"))
     cfg = _model_config(hf, src)
     state = {}
-    for name, tensor in _read_weights(src).items():
+    for name, tensor in read_weights(src).items():
         if not name.endswith(_IGNORED_HF_KEYS):
             state[name.removeprefix("model.")] = tensor
     if cfg.tie_embeddings:
@@ -201,7 +201,7 @@ def _hf_name(name: str) -> str:
     return name if name.startswith("lm_head.") else f"model.{name}"
 
 
-def _generation_config(ids: dict[str, int], generate: GenerateConfig | None) -> Any:
+def generation_config(ids: dict[str, int], generate: GenerateConfig | None) -> Any:
     sampling: dict[str, Any] = {}
     if generate is not None:
         sampling["max_new_tokens"] = generate.max_new_tokens
@@ -250,7 +250,7 @@ def _model_config(hf: dict[str, Any], src: Path) -> DecoderConfig:
     )
 
 
-def _read_weights(src: Path) -> dict[str, torch.Tensor]:
+def read_weights(src: Path) -> dict[str, torch.Tensor]:
     single, index = src / "model.safetensors", src / "model.safetensors.index.json"
     if single.is_file():
         return load_file(str(single))

@@ -39,4 +39,4 @@ def count_params(model: nn.Module, non_embedding: bool = False) -> int:
 
 
 # Imported last: the architectures register themselves into ARCHITECTURES.
-from lmforge.models import decoder, encoder_decoder  # noqa: E402, F401
+from lmforge.models import decoder, encoder, encoder_decoder  # noqa: E402, F401

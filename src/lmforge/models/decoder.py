@@ -149,4 +149,4 @@ class Decoder(nn.Module):
             return lower(allowed, bias, False, T, past + T, device)
         allowed = self_allowed(layout, T, device, positions, self.cfg.sliding_window, self.cfg.attention_sinks)
         bias = self.alibi(positions, positions) if self.alibi is not None else None
-        return lower(allowed, bias, True, T, T, device)
+        return lower(allowed, bias, layout.causal, T, T, device)

@@ -35,8 +35,10 @@ def self_allowed(
 
     `window` > 0 keeps a query at (segment) position p on keys at positions > p - window, plus the
     first `sinks` positions of its segment (attention sinks, StreamingLLM). A padding query attends
-    to itself only, so no row of scores is all -inf."""
-    if layout.is_plain_causal and window <= 0:
+    to itself only, so no row of scores is all -inf. None also for a plain bidirectional layout (an
+    encoder row without segments): SDPA needs no mask for it."""
+    plain = layout.segment_ids is None and layout.prefix is None
+    if plain and window <= 0:
         return None
     i = torch.arange(seq_len, device=device)
     if layout.causal:

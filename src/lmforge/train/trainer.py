@@ -172,6 +172,9 @@ class Trainer:
         record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen}
         if len(terms) > 1:
             record.update({f"loss_{t}": v for t, v in terms.items()})
+        skipped = getattr(self.objective, "skipped", 0)
+        if skipped:  # pieces too short for the objective: counted, never a crash
+            record["skipped"] = skipped
         return record
 
     def _example(self) -> Example:
