@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-slow lint clean
 
 # Re-installs only when pyproject.toml changes, so both targets are idempotent and fast the second time.
 $(STAMP): pyproject.toml
@@ -18,6 +18,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest
+
+# Whole recipes end to end (one per model family x objective), minutes each on 2 cores.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

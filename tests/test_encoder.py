@@ -3,6 +3,7 @@ import reproduce transformers' logits, unsupported checkpoints are refused, fill
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -262,6 +263,25 @@ def test_mlm_nsp_examples_train_the_encoder(tokenizer_path: Path) -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_sparse_prediction_equals_the_full_head(tokenizer_path: Path) -> None:
+    """Logits only at the MLM targets (predict_positions) give the same loss, accuracy inputs and
+    gradients as the full head read at those positions."""
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    special = load_special_tokens(tokenizer_path, tokenizer)
+    vocab = tokenizer.get_vocab_size()
+    ex = MaskedLM(MLMConfig(), ObjectiveContext(special, vocab, seed=0, tokenizer=tokenizer))(
+        mlm_batch(tokenizer, special, rows=6, T=48))
+    assert ex.predict_positions is not None and torch.equal(ex.predict_positions, ex.loss_mask.bool())
+    model = tiny(vocab_size=vocab)
+    sparse = model(**ex.model_inputs())
+    full = model(**{k: v for k, v in ex.model_inputs().items() if k != "predict_positions"})
+    assert sparse["logits"].shape == (int(ex.loss_mask.sum()), vocab)
+    torch.testing.assert_close(sparse["logits"], full["logits"][ex.predict_positions], rtol=0, atol=1e-5)
+    full_ex = dataclasses.replace(ex, predict_positions=None)
+    for a, b in zip(loss_sums(sparse, ex).values(), loss_sums(full, full_ex).values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
 def fill_model(tokenizer_path: Path, favourite: str) -> tuple[torch.nn.Module, Tokenizer, object, int]:

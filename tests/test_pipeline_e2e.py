@@ -107,3 +107,53 @@ def test_model_vocab_smaller_than_tokenizer_is_a_config_error(finished_run, tmp_
     shutil.copytree(src, tmp_path / "v")
     assert main(["train", f"out_dir={tmp_path / 'v'}", *TINY, "model.vocab_size=300", "train.resume=false"]) == 2
     assert "model.vocab_size: 300 is smaller than the tokenizer's 512" in capsys.readouterr().err
+
+
+FAMILIES = {  # every family x objective pairing, tiny, through the CLI stages after the shared data stages
+    "bert": ["model.arch=encoder", "objective.name=mlm"],
+    "bert_wwm_no_nsp": ["model.arch=encoder", "model.nsp_head=false", "objective.name=mlm", "objective.nsp=false",
+                        "objective.whole_word=true"],
+    "t5": ["model.arch=encoder_decoder", "objective.name=span_corruption"],
+    "bart": ["model.arch=encoder_decoder", "model.variant=bart", "objective.name=bart"],
+    "ul2": ["model.arch=encoder_decoder", "objective.name=ul2"],
+    "mix": ["model.arch=encoder_decoder", "objective.name=mix",
+            "objective.components=[{weight: 1, objective: {name: span_corruption}},"
+            " {weight: 1, objective: {name: bart}}]"],
+    "prefix_lm": ["objective.name=prefix_lm", "export.format=none"],
+    "fim": ["objective.name=fim"],
+    "lm_alibi_window": ["model.position=alibi", "model.sliding_window=16", "export.format=none"],
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_trains_evaluates_exports_and_samples(finished_run, tmp_path: Path, family: str, capsys):
+    src, _ = finished_run
+    out = tmp_path / family
+    for part in ("data", "tokenizer", "tokens"):
+        shutil.copytree(src / part, out / part)
+    args = [f"out_dir={out}", *TINY, "train.max_steps=6", "train.checkpoint_every=3", *FAMILIES[family]]
+    for stage in ("train", "eval", "export"):
+        assert main([stage, "--quiet", *args]) == 0, capsys.readouterr().err
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["loss"] < ev["loss_at_init"] and ev["tokens"] > 0 and isinstance(ev["sample"], str)
+    exported = "export.format=none" not in FAMILIES[family]
+    assert (out / "export" / "hf" / "config.json").is_file() == exported
+    flag = ["--fill-mask", "Return the [MASK] value."] if family.startswith("bert") else ["--prompt", "Return"]
+    capsys.readouterr()
+    assert main(["generate", *flag, *args]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_pairing_an_objective_with_the_wrong_family_stops_at_load(capsys):
+    assert main(["train", "model.arch=decoder", "objective.name=mlm"]) == 2
+    assert "objective.name: objective 'mlm' cannot train model.arch 'decoder'" in capsys.readouterr().err
+    assert main(["train", "model.arch=encoder", "objective.name=span_corruption"]) == 2
+    assert "cannot train model.arch 'encoder'" in capsys.readouterr().err
+    assert main(["train", "model.arch=encoder", "model.nsp_head=false", "objective.name=mlm"]) == 2
+    assert "objective.nsp" in capsys.readouterr().err
+
+
+def test_fill_mask_on_a_decoder_is_refused(finished_run, capsys):
+    out, _ = finished_run
+    assert main(["generate", "--fill-mask", "a [MASK]", f"out_dir={out}", *TINY]) == 2
+    assert "--fill-mask needs an encoder" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 from lmforge.config import TokenizerConfig
 from lmforge.export import exporter_for
+from lmforge.export.hf import import_hf_llama
 from lmforge.models import build_model
 from lmforge.models.decoder import DecoderConfig
 from lmforge.models.positions import ALiBi, RotaryEmbedding, alibi_slopes, t5_relative_bucket
@@ -175,6 +176,8 @@ def test_linear_rope_scaling_exports_as_llama_rope_scaling(tokenizer_path: Path,
     report, hf = export_and_verify(cfg, tokenizer_path, tmp_path / "hf")
     assert report["max_abs_diff"] < 1e-4 and report["tokenizer_match"]
     assert hf["rope_parameters"] == {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0}
+    imported, imported_cfg = import_hf_llama(tmp_path / "hf")  # and back: the mapping is exact both ways
+    assert (imported_cfg.rope_scaling, imported_cfg.rope_factor) == ("linear", 2.0)
     # The check could fail: the same weights without the scaling compute something else.
     torch.manual_seed(0)
     scaled, plain = build_model(cfg).eval(), build_model(tiny_decoder()).eval()

@@ -29,7 +29,13 @@ PIPELINE = ["data", "tokenizer", "tokenize", "train", "eval", "export"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Flags may come after the key=value overrides; argparse leaves the overrides after them here.
+    unknown = [x for x in extra if x.startswith("-") or "=" not in x]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
     try:
         cfg = load_config(args.config, args.overrides)
         return _dispatch(args, cfg)
@@ -110,7 +116,7 @@ def summary(r: dict[str, dict[str, Any]]) -> str:
         f"            {_quality(ev)}",
         f"sample      {ev['prompt']!r} -> {ev['sample']!r}",
         f"export      {ex['path']} ({ex['format']}; transformers logits max |diff| "
-        f"{ex.get('max_abs_diff', float('nan')):.1e})",
+        f"{ex.get('max_abs_diff', float('nan')):.1e})" if ex["path"] else f"export      {ex['format']}",
         "time        " + ", ".join(f"{k} {v['stage_seconds']:.0f}s" for k, v in r.items()),
     ]
     return "\n".join(lines)

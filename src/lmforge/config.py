@@ -174,7 +174,7 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    format: Literal["hf_llama"] = "hf_llama"
+    format: Literal["auto", "none"] = "auto"  # auto: the family's transformers class; none: no export
     dir: str = ""  # "" -> <out_dir>/export/hf
     verify: bool = True
 

@@ -259,6 +259,8 @@ def stage_export(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     from lmforge.tokenizer.train import load_tokenizer
 
     paths = RunPaths(cfg.out)
+    if cfg.export.format == "none":
+        return {"path": None, "format": "none (export.format=none)"}
     model, trained, ckpt = load_trained(cfg)
     exporter = exporter_for(trained.model, trained.objective)
     out_dir = Path(cfg.export.dir) if cfg.export.dir else cfg.out / "export" / "hf"

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lmforge.objectives.base import Objective, loss_sums, model_logits
+from lmforge.objectives.base import Objective, loss_sums, scored
 from lmforge.tokens.loader import sequential_windows
 from lmforge.tokens.shards import TokenDataset
 
@@ -42,7 +42,8 @@ def evaluate(
         sums = loss_sums(output, ex)
         nats += float(sums["lm"])
         count += float(ex.loss_mask.sum())
-        hits = (model_logits(output).argmax(-1) == ex.labels).float() * ex.loss_mask
+        logits, labels, loss_mask = scored(output, ex)
+        hits = (logits.argmax(-1) == labels).float() * loss_mask
         correct += float(hits.sum())
         if "nsp" in sums:
             nsp_nats += float(sums["nsp"])

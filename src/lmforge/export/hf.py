@@ -218,14 +218,14 @@ def _model_config(hf: dict[str, Any], src: Path) -> DecoderConfig:
     heads = hf["num_attention_heads"]
     hidden = hf["hidden_size"]
     rope = hf.get("rope_parameters") or {}  # transformers 5; older configs keep rope_theta at top level
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    scaling = hf.get("rope_scaling") or rope  # transformers 4 keeps the scaling apart
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     unsupported = {
         "model_type": (hf.get("model_type") != "llama", hf.get("model_type")),
         "hidden_act": (hf.get("hidden_act", "silu") != "silu", hf.get("hidden_act")),
         "attention_bias": (bool(hf.get("attention_bias")), hf.get("attention_bias")),
         "mlp_bias": (bool(hf.get("mlp_bias")), hf.get("mlp_bias")),
-        "rope_scaling": (hf.get("rope_scaling") is not None, hf.get("rope_scaling")),
-        "rope_parameters.rope_type": (rope_type != "default", rope_type),
+        "rope_parameters.rope_type": (rope_type not in ("default", "linear"), rope_type),  # linear is exact
         "head_dim": (hf.get("head_dim") not in (None, hidden // heads), hf.get("head_dim")),
     }
     for key, (bad, value) in unsupported.items():
@@ -244,6 +244,8 @@ def _model_config(hf: dict[str, Any], src: Path) -> DecoderConfig:
         d_ff=hf["intermediate_size"],
         max_seq_len=hf.get("max_position_embeddings", 2048),
         rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta", 10000.0)),
+        rope_scaling="linear" if rope_type == "linear" else "none",
+        rope_factor=float(scaling.get("factor", 1.0)) if rope_type == "linear" else 1.0,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),

@@ -7,6 +7,7 @@ on the meta device, parallelise, then `to_empty` + `init_weights` (torchtitan-st
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
@@ -17,14 +18,35 @@ EMBEDDING_MODULES = frozenset({"embed_tokens", "embed_positions", "lm_head", "sh
                                "position_embeddings"})
 
 
-def build_model(cfg: ModelConfig, init: bool = True) -> nn.Module:
+def build_model(cfg: ModelConfig, init: bool = True, device: torch.device | str = "cpu") -> nn.Module:
+    """The model `cfg.arch` names. Constructed on the meta device (no memory, no wasted default
+    init), then materialised on `device` and initialised by the family's `init_weights()`; with
+    init=False it stays on meta, for parallelism to wrap before `materialize` + `init_weights`."""
     if cfg.vocab_size <= 0:
         raise ValueError(
             f"model.vocab_size must be > 0 (got {cfg.vocab_size}); set it from the trained tokenizer first"
         )
-    model = ARCHITECTURES.get(cfg.arch, "model.arch")(cfg)
+    factory = ARCHITECTURES.get(cfg.arch, "model.arch")
+    with torch.device("meta"):
+        model = factory(cfg)
     if init:
+        materialize(model, device)
         model.init_weights()
+    return model
+
+
+def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """`to_empty` that keeps shared parameters shared: to_empty gives every module its own new
+    tensor, which would silently untie tied embeddings."""
+    users: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                users.setdefault(id(param), []).append((module, name))
+    model.to_empty(device=device)
+    for (owner, owner_name), *others in users.values():
+        for module, name in others:
+            setattr(module, name, getattr(owner, owner_name))
     return model
 
 

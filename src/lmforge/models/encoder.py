@@ -109,9 +109,13 @@ class Encoder(nn.Module):
         layout: AttentionLayout | None = None,
         position_ids: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        predict_positions: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """input_ids [B, T] -> MLM logits [B, T, vocab_size], or with the NSP head
-        {"logits": ..., "nsp_logits": [B, 2]}. Padding is segment 0 of the layout."""
+        {"logits": ..., "nsp_logits": [B, 2]}. Padding is segment 0 of the layout. With
+        `predict_positions` [B, T] bool the logits are [N, vocab_size] for those N positions only:
+        the MLM head (about 40% of a small BERT's compute) runs where the loss is (sparse prediction,
+        as MosaicBERT does)."""
         T = input_ids.shape[1]
         if position_ids is None:
             position_ids = default_positions(T, input_ids.device)
@@ -123,7 +127,8 @@ class Encoder(nn.Module):
         mask = self._mask(layout or AttentionLayout(causal=False), T, input_ids.device)
         for layer in self.layers:
             x = layer(x, mask)
-        h = self.mlm_norm(F.gelu(self.mlm_transform(x)))
+        h = x if predict_positions is None else x[predict_positions]
+        h = self.mlm_norm(F.gelu(self.mlm_transform(h)))
         logits = F.linear(h, self.word_embeddings.weight, self.mlm_bias)
         if self.nsp is None:
             return logits

@@ -89,6 +89,9 @@ class Example:
     decoder_layout: AttentionLayout | None = None
     decoder_position_ids: torch.Tensor | None = None
     nsp_labels: torch.Tensor | None = None
+    # [B, T] bool: the only positions whose logits the loss needs (MLM's ~15%). A family that reads it
+    # returns logits [N, V] for those N positions alone, skipping the vocabulary projection elsewhere.
+    predict_positions: torch.Tensor | None = None
 
     TARGET_FIELDS = ("labels", "loss_mask", "nsp_labels")
 
@@ -118,9 +121,19 @@ def model_logits(output: Any) -> torch.Tensor:
     return output["logits"] if isinstance(output, dict) else output
 
 
+def scored(output: Any, ex: Example) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, labels, loss_mask) aligned: [B, T, V] / [B, T], or [1, N, V] / [1, N] when the model
+    computed logits only at `ex.predict_positions`."""
+    logits = model_logits(output)
+    if ex.predict_positions is not None and logits.dim() == 2:
+        chosen = ex.predict_positions
+        return logits[None], ex.labels[chosen][None], ex.loss_mask[chosen][None]
+    return logits, ex.labels, ex.loss_mask
+
+
 def loss_sums(output: Any, ex: Example) -> dict[str, torch.Tensor]:
     """Summed losses (nats, fp32) per term; divide each by its total from `target_counts`."""
-    sums = {"lm": masked_nll(model_logits(output), ex.labels, ex.loss_mask)}
+    sums = {"lm": masked_nll(*scored(output, ex))}
     if ex.nsp_labels is not None:
         if not isinstance(output, dict) or "nsp_logits" not in output:
             raise ValueError("the example has NSP labels but the model has no NSP head (model.nsp_head)")

@@ -170,6 +170,7 @@ def stack_examples(examples: list[Example], pad_id: int) -> Example:
         position_ids=stack("position_ids", enc, 0, _arange),
         token_type_ids=stack("token_type_ids", enc, 0, _zeros),
         nsp_labels=None if first.nsp_labels is None else torch.cat([e.nsp_labels for e in examples]),
+        predict_positions=None if first.predict_positions is None else stack("predict_positions", enc, False),
     )
     if first.decoder_input_ids is not None:
         dec = [e.decoder_input_ids.shape[1] for e in examples]

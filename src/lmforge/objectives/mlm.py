@@ -180,6 +180,7 @@ class MaskedLM:
             layout=AttentionLayout(causal=False, segment_ids=torch.from_numpy(segments)),
             token_type_ids=torch.from_numpy(types),
             nsp_labels=torch.from_numpy(nsp_labels) if self.cfg.nsp else None,
+            predict_positions=torch.from_numpy(chosen),
         )
 
     def _target_length(self, max_tokens: int, rng: np.random.Generator) -> int:
