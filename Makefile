@@ -21,7 +21,7 @@ test: $(STAMP)
 
 # Whole recipes end to end (one per model family x objective), minutes each on 2 cores.
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m slow --durations=10
+	$(BIN)/python -m pytest -m slow -rA --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

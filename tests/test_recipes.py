@@ -35,6 +35,8 @@ def test_recipe_trains_and_exports(recipe: str, tmp_path: Path) -> None:
     out = tmp_path / recipe
     assert main(["run", "--config", str(RECIPES / f"{recipe}.yaml"), f"out_dir={out}", "--quiet"]) == 0
     ev = json.loads((out / "eval.json").read_text())
+    print(f"{recipe}: val loss {ev['loss']:.3f}, at init {ev['loss_at_init']:.3f}, "
+          f"{1 - ev['loss'] / ev['loss_at_init']:.1%} below")  # shown with -s / -rA in CI logs
     assert ev["loss"] <= (1 - BELOW_INIT.get(recipe, 0.30)) * ev["loss_at_init"], ev
     assert EXPECTED[recipe][1] <= set(ev), ev
     export_class, _ = EXPECTED[recipe]
