@@ -27,8 +27,7 @@ def generate(
 ) -> str:
     """The continuation of `prompt` (without the prompt), stopping at EOS or after max_new_tokens.
     top_k 0 and top_p 1.0 switch those filters off. `model` must be on `device` and have `.cfg`."""
-    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    check_sampling(temperature, top_k, top_p)
     special = special or infer_special_tokens(tokenizer)
     eos_id = special.eos
     # Packed training puts EOS before every document start, so a leading EOS makes the prompt the
@@ -51,6 +50,11 @@ def generate(
     finally:
         model.train(was_training)
     return tokenizer.decode(new_ids)
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
 
 
 def sample_next(

@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from lmforge.eval.generate import sample_next
+from lmforge.eval.generate import check_sampling, sample_next
 from lmforge.tokenizer.special_tokens import SpecialTokens, infer_special_tokens
 
 
@@ -33,8 +33,7 @@ def generate_seq2seq(
     """The decoder's output for `text` (text + EOS into the encoder; the decoder starts from the pad
     token, the convention of lmforge's encoder-decoder objectives and of T5), stopping at EOS, after
     max_new_tokens, or when the decoder input reaches model.cfg.max_seq_len. Temperature 0 is greedy."""
-    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    check_sampling(temperature, top_k, top_p)
     special = special or infer_special_tokens(tokenizer)
     start_id = special.require("pad", "encoder-decoder generation (the decoder start token)")
     max_len = model.cfg.max_seq_len

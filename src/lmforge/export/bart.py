@@ -21,11 +21,16 @@ from torch import nn
 
 from lmforge.config import GenerateConfig, ModelConfig, ObjectiveConfig
 from lmforge.export import Exporter
-from lmforge.export.hf import generation_config, read_weights, tokenizer_check, write_tokenizer_files
+from lmforge.export.hf import (
+    export_tokenizer,
+    generation_config,
+    read_weights,
+    verify_seq2seq_export,
+    write_tokenizer_files,
+)
 from lmforge.io_utils import atomic_path
 from lmforge.models import build_model
 from lmforge.models.encoder_decoder import EncoderDecoderConfig
-from lmforge.tokenizer.special_tokens import load_special_tokens
 
 HF_CLASS = "BartForConditionalGeneration"
 HF_LAYERNORM_EPS = 1e-5  # transformers' BART builds nn.LayerNorm with the default eps; no config key sets it
@@ -59,10 +64,7 @@ def export_hf_bart(
     why = bart_refusal(cfg)
     if why:
         raise ValueError(f"cannot export to {HF_CLASS}: {why}")
-    tokenizer_path = Path(tokenizer_path)
-    if tokenizer_path.is_dir():
-        tokenizer_path = tokenizer_path / "tokenizer.json"
-    special = load_special_tokens(tokenizer_path, Tokenizer.from_file(str(tokenizer_path)))
+    tokenizer_path, special = export_tokenizer(tokenizer_path)
     pad = special.require("pad", f"the {HF_CLASS} export (its decoder start token)")
     ids = {"bos_token_id": special.bos, "eos_token_id": special.eos, "pad_token_id": pad,
            "decoder_start_token_id": pad, "forced_bos_token_id": None, "forced_eos_token_id": None}
@@ -129,16 +131,9 @@ def verify_bart(model: nn.Module, out_dir: Path, seed: int = 0, tokenizer: Token
     length = min(64, cfg.max_seq_len)
     input_ids = torch.randint(0, cfg.vocab_size, (2, length), generator=g)
     decoder_input_ids = torch.randint(0, cfg.vocab_size, (2, max(1, length // 2)), generator=g)
-    device = next(model.parameters()).device
-    hf_model = transformers.BartForConditionalGeneration.from_pretrained(
-        out_dir, dtype=torch.float32, local_files_only=True, attn_implementation="eager"
-    ).to(device)
-    hf_model.eval()
-    input_ids, decoder_input_ids = input_ids.to(device), decoder_input_ids.to(device)
-    with torch.no_grad():
-        ours = model(input_ids, decoder_input_ids=decoder_input_ids).float()
-        theirs = hf_model(input_ids=input_ids, decoder_input_ids=decoder_input_ids).logits.float()
-    return tokenizer_check(out_dir, (ours - theirs).abs().max().item(), tokenizer)
+    return verify_seq2seq_export(
+        transformers.BartForConditionalGeneration, model, out_dir, input_ids, decoder_input_ids, tokenizer
+    )
 
 
 def import_hf_bart(src: Path) -> tuple[nn.Module, EncoderDecoderConfig]:

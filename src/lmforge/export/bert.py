@@ -19,12 +19,11 @@ from torch import nn
 
 from lmforge.config import ModelConfig, ObjectiveConfig
 from lmforge.export import EXPORTERS, Exporter
-from lmforge.export.hf import read_weights, tokenizer_check, write_tokenizer_files
+from lmforge.export.hf import export_tokenizer, read_weights, tokenizer_check, write_tokenizer_files
 from lmforge.io_utils import atomic_path
 from lmforge.models import build_model
 from lmforge.models.encoder import EncoderConfig
 from lmforge.objectives.base import AttentionLayout
-from lmforge.tokenizer.special_tokens import load_special_tokens
 
 # Our module path -> transformers' (parameter names .weight/.bias follow unchanged).
 _TOP = {
@@ -79,10 +78,7 @@ def export_hf_bert(model: nn.Module, cfg: EncoderConfig, tokenizer_path: Path, o
     tokenizer) atomically to out_dir. `generate` is unused: fill-mask has no sampling settings."""
     if cfg.arch != "encoder":
         raise ValueError(f"only the 'encoder' architecture exports to BERT, got model.arch={cfg.arch!r}")
-    tokenizer_path = Path(tokenizer_path)
-    if tokenizer_path.is_dir():
-        tokenizer_path = tokenizer_path / "tokenizer.json"
-    special = load_special_tokens(tokenizer_path, Tokenizer.from_file(str(tokenizer_path)))
+    tokenizer_path, special = export_tokenizer(tokenizer_path)
     hf_config = transformers.BertConfig(
         architectures=[hf_class_name(cfg)],
         vocab_size=cfg.vocab_size,

@@ -71,11 +71,7 @@ def export_hf_llama(
     why = llama_refusal(cfg)
     if why:
         raise ValueError(f"cannot export to LlamaForCausalLM: {why}")
-    tokenizer_path = Path(tokenizer_path)
-    if tokenizer_path.is_dir():
-        tokenizer_path = tokenizer_path / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    special = load_special_tokens(tokenizer_path, tokenizer)
+    tokenizer_path, special = export_tokenizer(tokenizer_path)
     eos_id = special.eos
     pad_id = special.pad if special.pad is not None else eos_id
     # Documents are packed as `... <eos> doc <eos> ...`, so EOS is also what precedes a document
@@ -109,6 +105,35 @@ def export_hf_llama(
         write_tokenizer_files(tmp, tokenizer_path, special, cfg.max_seq_len, {"bos_token": "eos"})
         generation_config(ids, generate).save_pretrained(tmp)
     return out_dir
+
+
+def export_tokenizer(tokenizer_path: Path) -> tuple[Path, SpecialTokens]:
+    """The tokenizer.json an export copies (a directory holding one is accepted) and its role map."""
+    tokenizer_path = Path(tokenizer_path)
+    if tokenizer_path.is_dir():
+        tokenizer_path = tokenizer_path / "tokenizer.json"
+    return tokenizer_path, load_special_tokens(tokenizer_path, Tokenizer.from_file(str(tokenizer_path)))
+
+
+def verify_seq2seq_export(
+    hf_class: type,
+    model: nn.Module,
+    out_dir: Path,
+    input_ids: torch.Tensor,
+    decoder_input_ids: torch.Tensor,
+    tokenizer: Tokenizer | None = None,
+) -> dict[str, Any]:
+    """Load an encoder-decoder export as `hf_class` (fp32, eager attention, local files) and compare
+    its logits with `model`'s on the given ids, and its tokenizer with `tokenizer`."""
+    device = next(model.parameters()).device
+    hf_model = hf_class.from_pretrained(
+        Path(out_dir), dtype=torch.float32, local_files_only=True, attn_implementation="eager"
+    ).to(device).eval()
+    input_ids, decoder_input_ids = input_ids.to(device), decoder_input_ids.to(device)
+    with torch.no_grad():
+        ours = model(input_ids, decoder_input_ids=decoder_input_ids).float()
+        theirs = hf_model(input_ids=input_ids, decoder_input_ids=decoder_input_ids).logits.float()
+    return tokenizer_check(Path(out_dir), (ours - theirs).abs().max().item(), tokenizer)
 
 
 def write_tokenizer_files(

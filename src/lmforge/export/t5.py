@@ -21,11 +21,16 @@ from torch import nn
 
 from lmforge.config import GenerateConfig, ModelConfig, ObjectiveConfig
 from lmforge.export import EXPORTERS, Exporter
-from lmforge.export.hf import generation_config, read_weights, tokenizer_check, write_tokenizer_files
+from lmforge.export.hf import (
+    export_tokenizer,
+    generation_config,
+    read_weights,
+    verify_seq2seq_export,
+    write_tokenizer_files,
+)
 from lmforge.io_utils import atomic_path, atomic_write_json
 from lmforge.models.encoder_decoder import EncoderDecoderConfig
 from lmforge.models.t5 import T5Model
-from lmforge.tokenizer.special_tokens import load_special_tokens
 
 _ATTENTION = {"self_attn": "SelfAttention", "cross_attn": "EncDecAttention"}
 _PROJ = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"}
@@ -96,10 +101,7 @@ def export_hf_t5(
     why = t5_refusal(cfg)
     if why:
         raise ValueError(f"cannot export to T5ForConditionalGeneration: {why}")
-    tokenizer_path = Path(tokenizer_path)
-    if tokenizer_path.is_dir():
-        tokenizer_path = tokenizer_path / "tokenizer.json"
-    special = load_special_tokens(tokenizer_path, Tokenizer.from_file(str(tokenizer_path)))
+    tokenizer_path, special = export_tokenizer(tokenizer_path)
     pad_id = special.require("pad", "the T5 export (its decoder start token)")
     ids = {"decoder_start_token_id": pad_id, "eos_token_id": special.eos, "pad_token_id": pad_id}
     weights = {
@@ -137,17 +139,10 @@ def verify_t5_export(
     decoder_input_ids: torch.Tensor,
     tokenizer: Tokenizer | None = None,
 ) -> dict[str, Any]:
-    """Load the export with transformers (fp32, eager attention, local files) and compare its logits with
-    `model`'s on the given ids, and its tokenizer with `tokenizer` (default: the exported one)."""
-    device = next(model.parameters()).device
-    hf_model = transformers.T5ForConditionalGeneration.from_pretrained(
-        Path(out_dir), dtype=torch.float32, local_files_only=True, attn_implementation="eager"
-    ).to(device).eval()
-    input_ids, decoder_input_ids = input_ids.to(device), decoder_input_ids.to(device)
-    with torch.no_grad():
-        ours = model(input_ids, decoder_input_ids=decoder_input_ids).float()
-        theirs = hf_model(input_ids=input_ids, decoder_input_ids=decoder_input_ids).logits.float()
-    return tokenizer_check(Path(out_dir), (ours - theirs).abs().max().item(), tokenizer)
+    """The T5 export against `model` on the given ids (see hf.verify_seq2seq_export)."""
+    return verify_seq2seq_export(
+        transformers.T5ForConditionalGeneration, model, out_dir, input_ids, decoder_input_ids, tokenizer
+    )
 
 
 def import_hf_t5(src: Path) -> tuple[T5Model, EncoderDecoderConfig]:
