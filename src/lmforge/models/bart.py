@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.models.encoder_decoder import EncoderDecoderConfig
+from lmforge.models.encoder_decoder import EncoderDecoderConfig, Seq2SeqModel
 from lmforge.models.layers import Attention
 from lmforge.models.masks import AttnMask, cross_allowed, lower, self_allowed
 from lmforge.models.positions import default_positions
@@ -82,7 +82,7 @@ class Stack(nn.Module):
         return self.layernorm_embedding(tokens + self.embed_positions(position_ids + POSITION_OFFSET))
 
 
-class BartModel(nn.Module):
+class BartModel(Seq2SeqModel):
     def __init__(self, cfg: EncoderDecoderConfig):
         super().__init__()
         self.cfg = cfg
@@ -109,20 +109,6 @@ class BartModel(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
         self.final_logits_bias.zero_()
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        layout: AttentionLayout | None = None,
-        position_ids: torch.Tensor | None = None,
-        *,
-        decoder_input_ids: torch.Tensor,
-        decoder_layout: AttentionLayout | None = None,
-        decoder_position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids [B, S], decoder_input_ids [B, T] -> logits [B, T, vocab_size]."""
-        encoder_out = self.encode(input_ids, layout, position_ids)
-        return self.decode(decoder_input_ids, encoder_out, layout, decoder_layout, decoder_position_ids)
 
     def encode(
         self, input_ids: torch.Tensor, layout: AttentionLayout | None = None, position_ids: torch.Tensor | None = None

@@ -14,10 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+import torch
 from torch import nn
 
 from lmforge.config import ModelConfig, check
 from lmforge.models.registry import ARCHITECTURES
+from lmforge.objectives.base import AttentionLayout
 
 
 @dataclass
@@ -70,6 +72,26 @@ class EncoderDecoderConfig(ModelConfig):
     @property
     def tied(self) -> bool:
         return self.tie_embeddings if self.tie_embeddings is not None else self.variant == "bart"
+
+
+class Seq2SeqModel(nn.Module):
+    """The forward both variants share; each defines `encode(input_ids, layout, position_ids)` and
+    `decode(decoder_input_ids, encoder_out, layout, decoder_layout, decoder_position_ids)`, which
+    generation calls separately to reuse the encoder output."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        layout: AttentionLayout | None = None,
+        position_ids: torch.Tensor | None = None,
+        *,
+        decoder_input_ids: torch.Tensor,
+        decoder_layout: AttentionLayout | None = None,
+        decoder_position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Encoder ids [B, S] and decoder ids [B, T] -> logits [B, T, vocab_size]."""
+        encoder_out = self.encode(input_ids, layout, position_ids)
+        return self.decode(decoder_input_ids, encoder_out, layout, decoder_layout, decoder_position_ids)
 
 
 @ARCHITECTURES.register("encoder_decoder", config=EncoderDecoderConfig)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.models.encoder_decoder import EncoderDecoderConfig
+from lmforge.models.encoder_decoder import EncoderDecoderConfig, Seq2SeqModel
 from lmforge.models.layers import Attention, RMSNorm
 from lmforge.models.masks import AttnMask, cross_allowed, lower, self_allowed
 from lmforge.models.positions import T5RelativeBias, default_positions
@@ -83,7 +83,7 @@ class T5Stack(nn.Module):
         return self.final_norm(x)
 
 
-class T5Model(nn.Module):
+class T5Model(Seq2SeqModel):
     def __init__(self, cfg: EncoderDecoderConfig):
         super().__init__()
         if cfg.variant != "t5":
@@ -151,17 +151,3 @@ class T5Model(nn.Module):
         if self.cfg.tied:  # T5 rescales before the shared embedding matrix doubles as the output layer
             x = x * self.cfg.d_model**-0.5
         return self.lm_head(x)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        layout: AttentionLayout | None = None,
-        position_ids: torch.Tensor | None = None,
-        *,
-        decoder_input_ids: torch.Tensor,
-        decoder_layout: AttentionLayout | None = None,
-        decoder_position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Encoder ids [B, S] and decoder ids [B, T] -> logits [B, T, vocab_size]."""
-        encoder_out = self.encode(input_ids, layout, position_ids)
-        return self.decode(decoder_input_ids, encoder_out, layout, decoder_layout, decoder_position_ids)
