@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig, check
+from lmforge.models.flex import alibi_score_mod, build_block_mask
 from lmforge.models.layers import Attention, KVCache, RMSNorm, SwiGLU
 from lmforge.models.masks import AttnMask, causal_allowed, lower, self_allowed
 from lmforge.models.positions import ALiBi, RotaryEmbedding, default_positions
@@ -34,6 +35,10 @@ class DecoderConfig(ModelConfig):
     rope_factor: float = 1.0
     sliding_window: int = 0  # > 0: attend to the last `sliding_window` positions only
     attention_sinks: int = 0  # with a window: the first positions of a document stay visible
+    # How a non-plain layout (packed documents, prefix, window, ALiBi) is lowered: "sdpa", a dense
+    # [B, 1, T, T] mask; "flex", a FlexAttention block mask that skips masked tiles (for long rows
+    # on GPU). A plain causal layout takes SDPA's fused kernel either way.
+    attention: Literal["sdpa", "flex"] = "sdpa"
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -147,6 +152,10 @@ class Decoder(nn.Module):
                 allowed = allowed & ok[:, None]
             bias = self.alibi(positions, all_pos) if self.alibi is not None else None
             return lower(allowed, bias, False, T, past + T, device)
-        allowed = self_allowed(layout, T, device, positions, self.cfg.sliding_window, self.cfg.attention_sinks)
+        window, sinks = self.cfg.sliding_window, self.cfg.attention_sinks
+        if self.cfg.attention == "flex" and not (layout.is_plain_causal and window == 0 and self.alibi is None):
+            score_mod = alibi_score_mod(self.alibi.slopes, positions) if self.alibi is not None else None
+            return AttnMask(block_mask=build_block_mask(layout, T, positions, window, sinks), score_mod=score_mod)
+        allowed = self_allowed(layout, T, device, positions, window, sinks)
         bias = self.alibi(positions, positions) if self.alibi is not None else None
         return lower(allowed, bias, layout.causal, T, T, device)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.models.flex import flex_attend
 from lmforge.models.masks import AttnMask
 from lmforge.models.positions import apply_rotary
 
@@ -118,7 +119,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
         grouped = self.n_kv_heads != self.n_heads
-        if mask.attn_mask is None:
+        if mask.block_mask is not None:
+            y = flex_attend(q, k, v, mask.block_mask, mask.score_mod, self.scale, grouped)
+        elif mask.attn_mask is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=mask.is_causal, scale=self.scale, enable_gqa=grouped
             )

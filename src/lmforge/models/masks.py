@@ -7,7 +7,9 @@ position bias (ALiBi, T5) into one additive float mask when the model has one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -17,10 +19,13 @@ from lmforge.objectives.base import AttentionLayout
 @dataclass
 class AttnMask:
     """What every attention layer of one stack gets: `is_causal` for SDPA's fused path, else
-    `attn_mask` (bool, or float with the position bias folded in)."""
+    `attn_mask` (bool, or float with the position bias folded in), or for FlexAttention a
+    `block_mask` with an optional `score_mod` (see flex.py)."""
 
     is_causal: bool = False
     attn_mask: torch.Tensor | None = None
+    block_mask: Any = None
+    score_mod: Callable | None = None
 
 
 def self_allowed(

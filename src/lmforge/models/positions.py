@@ -89,12 +89,12 @@ class ALiBi(nn.Module):
     def __init__(self, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
-        self._slopes = alibi_slopes(n_heads)
+        self.slopes = alibi_slopes(n_heads)
 
     def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """q_pos [B or 1, T], k_pos [B or 1, S] -> bias [B or 1, H, T, S] fp32."""
         distance = (q_pos[:, :, None] - k_pos[:, None, :]).abs().float()
-        slopes = torch.tensor(self._slopes, dtype=torch.float32, device=q_pos.device)
+        slopes = torch.tensor(self.slopes, dtype=torch.float32, device=q_pos.device)
         return -slopes[None, :, None, None] * distance[:, None]
 
 

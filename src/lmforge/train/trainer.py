@@ -66,6 +66,10 @@ class Trainer:
     ):
         self.cfg, self.tc = cfg, cfg.train
         self.device = resolve_device(self.tc.device)
+        if getattr(cfg.model, "attention", "sdpa") == "flex" and self.device.type != "cuda":
+            # torch's FlexAttention has no CPU backward; the dense path computes the same attention.
+            raise RuntimeError("model.attention=flex trains on CUDA only (torch has no FlexAttention "
+                               "backward on CPU); use model.attention=sdpa here")
         self.model = model.to(self.device)
         self.loader = loader
         self.objective = objective
