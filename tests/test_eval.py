@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.eval.perplexity import evaluate, unigram_cross_entropy
+from lmforge.eval.perplexity import evaluate, evaluate_sources, unigram_cross_entropy
 from lmforge.models import build_model
 from lmforge.models.decoder import DecoderConfig as ModelConfig
 from lmforge.objectives import ObjectiveContext, build_objective
@@ -73,4 +73,22 @@ def test_unigram_baseline_matches_formula(tmp_path: Path):
     probs = (counts + 1) / (counts.sum() + VOCAB)
     v = val.tokens(0, val.n_tokens)
     expected = -np.log(probs[v]).mean()
-    assert unigram_cross_entropy(train, val, VOCAB) == pytest.approx(expected, rel=1e-9)
+    # From the counts stored at tokenize time, over a split's sources together.
+    assert unigram_cross_entropy({"a": train}, {"a": val}, VOCAB) == pytest.approx(expected, rel=1e-9)
+    other = dataset(tmp_path, "train2", 4, 10)
+    both = np.concatenate([train.tokens(0, train.n_tokens), other.tokens(0, other.n_tokens)])
+    probs = (np.bincount(both, minlength=VOCAB) + 1) / (both.size + VOCAB)
+    got = unigram_cross_entropy({"a": train, "b": other}, {"a": val}, VOCAB)
+    assert got == pytest.approx(-np.log(probs[v]).mean(), rel=1e-9)
+
+
+def test_evaluation_per_source_and_in_total(tmp_path: Path, model):
+    a, b = dataset(tmp_path, "a", 5), dataset(tmp_path, "b", 6, 20)
+    out = evaluate_sources(model, {"a": a, "b": b}, lm(), 32, batch_size=2)
+    one, two = evaluate(model, a, lm(), 32, batch_size=2), evaluate(model, b, lm(), 32, batch_size=2)
+    assert out["sources"] == {"a": one, "b": two}
+    assert out["tokens"] == one["tokens"] + two["tokens"]
+    weighted = (one["loss"] * one["tokens"] + two["loss"] * two["tokens"]) / out["tokens"]
+    assert out["loss"] == pytest.approx(weighted, rel=1e-12)
+    bytes_covered = sum(m["tokens"] * d.total_bytes / d.n_tokens for m, d in ((one, a), (two, b)))
+    assert out["bits_per_byte"] == pytest.approx(out["loss"] * out["tokens"] / math.log(2) / bytes_covered)

@@ -75,7 +75,7 @@ def test_same_seed_same_batches(ds, window, batch_size, seed):
     a = PackedLoader(ds, window, batch_size, seed)
     b = PackedLoader(ds, window, batch_size, seed)
     for _ in range(5):
-        (ta, da, _), (tb, db, _) = a.next_batch(), b.next_batch()
+        (ta, da, *_), (tb, db, *_) = a.next_batch(), b.next_batch()
         assert ta.shape == da.shape == (batch_size, window)
         assert ta.dtype == da.dtype == np.int64
         assert np.array_equal(ta, tb) and np.array_equal(da, db)
@@ -139,7 +139,7 @@ def test_ranks_partition_each_global_batch(ds, window, batch_size, world_size, s
     whole = PackedLoader(ds, window, batch_size * world_size, seed)
     for _ in range(4):
         parts = [ld.next_batch() for ld in ranks]
-        tokens, doc_ids, sample_ids = whole.next_batch()
+        tokens, doc_ids, sample_ids, _ = whole.next_batch()
         assert np.array_equal(np.concatenate([p[0] for p in parts]), tokens)
         assert np.array_equal(np.concatenate([p[1] for p in parts]), doc_ids)
         # The key of each row's objective randomness does not depend on the rank count either.
@@ -151,7 +151,7 @@ def test_ranks_partition_each_global_batch(ds, window, batch_size, world_size, s
 def test_doc_ids_change_exactly_after_eos(ds, window, batch_size, seed):
     loader = PackedLoader(ds, window, batch_size, seed)
     for _ in range(4):
-        tokens, doc_ids, _ = loader.next_batch()
+        tokens, doc_ids, *_ = loader.next_batch()
         changes = doc_ids[:, 1:] != doc_ids[:, :-1]
         assert np.array_equal(changes, tokens[:, :-1] == EOS_ID)
         assert np.all(np.diff(doc_ids, axis=1) >= 0)
@@ -165,7 +165,7 @@ def test_doc_ids_change_exactly_after_eos(ds, window, batch_size, seed):
 def test_sequential_windows_cover_the_stream_once(ds, window, batch_size, max_tokens):
     n = min(ds.n_tokens, max_tokens) if max_tokens else ds.n_tokens
     batches = list(sequential_windows(ds, window, batch_size, max_tokens))
-    rows = [(t, d) for tokens, doc_ids, _ in batches for t, d in zip(tokens, doc_ids, strict=True)]
+    rows = [(t, d) for tokens, doc_ids, *_ in batches for t, d in zip(tokens, doc_ids, strict=True)]
     assert all(len(tokens) <= batch_size for tokens, *_ in batches)
     assert all(len(t) == window for t, _ in rows[:-1])
     if n < 2:
@@ -185,8 +185,9 @@ def test_state_dict_is_plain_json(ds):
         loader.next_batch()
     state = loader.state_dict()
     assert json.loads(json.dumps(state)) == state
-    assert state["index"] == 24 and state["epoch"] == 0 and state["window"] == 16
-    assert state["n_samples"] == n_windows(ds.n_tokens, 16) == (ds.n_tokens - 16) // 15 + 1
+    assert state["cursors"] == {"train@16": {"epoch": 0, "index": 24}} and state["windows"] == [16]
+    assert (state["draws"], state["tokens"]) == (24, 24 * 16)
+    assert loader.n_samples == n_windows(ds.n_tokens, 16) == (ds.n_tokens - 16) // 15 + 1
 
 
 def test_epoch_rolls_over(ds):
@@ -194,7 +195,7 @@ def test_epoch_rolls_over(ds):
     assert loader.n_samples == 3
     for _ in range(4):
         loader.next_batch()
-    assert (loader.state_dict()["epoch"], loader.state_dict()["index"]) == (1, 1)
+    assert loader.state_dict()["cursors"]["train@200"] == {"epoch": 1, "index": 1}
 
 
 def test_dataset_smaller_than_one_window(ds):
@@ -214,14 +215,14 @@ def test_bad_arguments(ds):
 
 def test_resume_refuses_other_window(ds):
     state = PackedLoader(ds, 16, 2, seed=0).state_dict()
-    with pytest.raises(ValueError, match="window 16, this loader has 32"):
+    with pytest.raises(ValueError, match=r"windows \[16\] and packing 'greedy', this loader has \[32\]"):
         PackedLoader(ds, 32, 2, seed=0).load_state_dict(state)
 
 
 def test_resume_refuses_other_dataset(ds, tmp_path):
     state = PackedLoader(ds, 16, 2, seed=0).state_dict()
     other = write_position_coded(tmp_path, "train", N_TOKENS, seed=1, max_shard_tokens=150)
-    with pytest.raises(ValueError, match="different token dataset"):
+    with pytest.raises(ValueError, match="other token sets"):
         PackedLoader(other, 16, 2, seed=0).load_state_dict(state)
 
 

@@ -82,8 +82,10 @@ def test_stream_index_and_summary_exact(tok, tmp_path):
         "train-00000.bin",
         "train-00000.idx",
         "train-00000.json",
+        "train.counts.npy",
         "train.json",
     ]
+    assert np.array_equal(ds.counts(), np.bincount(stream, minlength=tokenizer.get_vocab_size()))
     shard_set = json.loads((tmp_path / "train.json").read_text())
     assert shard_set == ds.set_manifest
     assert (shard_set["n_shards"], shard_set["n_tokens"], shard_set["n_docs"]) == (1, ds.n_tokens, ds.n_docs)
@@ -153,6 +155,7 @@ def test_rolling_gives_the_same_virtual_stream(tok, tmp_path):
         "train-00000.bin",
         "train-00000.idx",
         "train-00000.json",
+        "train.counts.npy",
         "train.json",
     ]
 
@@ -288,7 +291,7 @@ def test_bad_set_manifest_is_a_clear_error(written):
     with pytest.raises(ShardError, match=r"train\.json: shard list is not train-00000, train-00001, \.\.\. in order"):
         TokenDataset(written, "train")
     set_path.write_text(json.dumps({**good, "version": 99}))
-    with pytest.raises(ShardError, match="not a version 1 lmforge-token-shard-set manifest"):
+    with pytest.raises(ShardError, match="not a version 2 lmforge-token-shard-set manifest"):
         TokenDataset(written, "train")
 
 

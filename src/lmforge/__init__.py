@@ -22,6 +22,9 @@ _API = {
     "build_model": "lmforge.models",
     "build_objective": "lmforge.objectives",
     "run": "lmforge.cli",
+    "tokenizer_report": "lmforge.tokenizer.report",
+    "extend_vocabulary": "lmforge.tokenizer.extend",
+    "resize_token_embeddings": "lmforge.models.resize",
     "stages": "lmforge",
 }
 

@@ -19,7 +19,7 @@ from lmforge.train.trainer import NonFiniteLoss
 
 STAGES: dict[str, tuple[Callable[..., dict[str, Any]], str]] = {
     "data": (stages.stage_data, "read, filter and deduplicate raw text into clean document shards"),
-    "tokenizer": (stages.stage_tokenizer, "train a byte-level BPE tokenizer on the clean documents"),
+    "tokenizer": (stages.stage_tokenizer, "train a tokenizer on the clean documents, or import one (tokenizer.from)"),
     "tokenize": (stages.stage_tokenize, "turn clean documents into memory-mapped token shards"),
     "train": (stages.stage_train, "pretrain the model, with periodic checkpoints and resume"),
     "eval": (stages.stage_eval, "validation loss, perplexity, bits/byte and a sample"),
@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="stage", required=True)
     commands = {name: help_ for name, (_, help_) in STAGES.items()}
     commands["generate"] = "sample text from a checkpoint"
+    commands["tokenizer-report"] = "bytes per token of the run's tokenizer, per source of its clean documents"
     commands["run"] = "all stages, in order, from one recipe"
     for name, help_ in commands.items():
         sp = sub.add_parser(name, help=help_)
@@ -66,12 +67,35 @@ def _parser() -> argparse.ArgumentParser:
             what = sp.add_mutually_exclusive_group()
             what.add_argument("--prompt", help="text to continue (decoders) or to answer (encoder-decoders)")
             what.add_argument("--fill-mask", metavar="TEXT", help='text with [MASK] placeholders (encoders)')
+        if name == "tokenizer-report":
+            sp.add_argument("--split", choices=["train", "val"], default="val", help="documents to measure on")
         sp.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+    _extend_vocab_parser(sub)
     return p
+
+
+def _extend_vocab_parser(sub: Any) -> None:
+    sp = sub.add_parser("extend-vocab", help="append tokens learned on new text to a tokenizer; old ids kept")
+    sp.add_argument("--base", required=True, help="tokenizer.json, or a directory holding one")
+    sp.add_argument("--texts", required=True, nargs="+", help="files, directories or globs (text, jsonl, parquet)")
+    sp.add_argument("--n-new", type=int, required=True, help="most tokens to append")
+    sp.add_argument("--out", required=True, help="directory for the extended tokenizer.json and special_tokens.json")
+    sp.set_defaults(config=None, quiet=False, overrides=[])  # no recipe: the command is self-contained
 
 
 def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
     progress = not args.quiet
+    if args.stage == "tokenizer-report":
+        from lmforge.tokenizer.report import tokenizer_report
+
+        print(tokenizer_report(cfg, split=args.split)["table"])
+        return 0
+    if args.stage == "extend-vocab":
+        from lmforge.tokenizer.extend import extend_vocabulary, read_texts
+
+        result = extend_vocabulary(args.base, read_texts(args.texts), args.n_new, args.out)
+        print(json.dumps({k: v for k, v in result.items() if k != "new_tokens"}, indent=2))
+        return 0
     if args.stage == "generate":
         print(stages.stage_generate(cfg, args.prompt, fill_mask=args.fill_mask)["text"])
         return 0
@@ -111,15 +135,23 @@ def summary(r: dict[str, dict[str, Any]]) -> str:
         f"tokens      {tok['train']['n_tokens']:,} train / {tok['val']['n_tokens']:,} val "
         f"(vocab {r['tokenizer']['vocab_size']:,})",
         f"model       {tr['params']:,} params, {tr['steps']} steps, {tr['tokens_seen']:,} tokens seen",
+        f"mixture     {_shares(tr['data'])}",
         f"validation  {ev['objective']} loss {ev['loss']:.3f} nats vs unigram baseline {ev['unigram_loss']:.3f} "
         f"({below:.0%} below); at init {ev['loss_at_init']:.3f} ({1 - ev['loss'] / ev['loss_at_init']:.0%} below)",
         f"            {_quality(ev)}",
+        *(f"  {name:<9} loss {m['loss']:.3f}, ppl {m['perplexity']:.1f}" for name, m in ev.get("sources", {}).items()),
         f"sample      {ev['prompt']!r} -> {ev['sample']!r}",
         f"export      {ex['path']} ({ex['format']}; transformers logits max |diff| "
         f"{ex.get('max_abs_diff', float('nan')):.1e})" if ex["path"] else f"export      {ex['format']}",
         "time        " + ", ".join(f"{k} {v['stage_seconds']:.0f}s" for k, v in r.items()),
     ]
     return "\n".join(lines)
+
+
+def _shares(data: dict[str, Any]) -> str:
+    """Realised token share per source, and the cropped share when packing best-fit crops."""
+    shares = ", ".join(f"{name} {share:.1%}" for name, share in data["source_share"].items() if share)
+    return f"{shares}; rows {data['utilisation']:.0%} full, {data['cropped_share']:.1%} of tokens cropped"
 
 
 def _quality(ev: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ in a recipe fails before any work starts, with the dotted key that is wrong.
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import math
 import types
 import typing
@@ -64,15 +65,55 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: Literal["bpe"] = "bpe"
+    """Every kind is byte-level (any text encodes, no unknown token); see lmforge.tokenizer.train."""
+
+    kind: Literal["bpe", "unigram", "wordpiece"] = "bpe"
     vocab_size: int = 4096
-    min_frequency: int = 2
+    min_frequency: int = 2  # bpe and wordpiece; unigram has no such option
     max_train_bytes: int = 200_000_000
+    pre_tokenizer: Literal["gpt2", "gpt4"] = "gpt2"  # the GPT-2 or the cl100k (GPT-4) split regex
+    split_digits: bool = False  # every digit its own pre-token
+    cjk: Literal["none", "chars"] = "none"  # chars: every CJK ideograph its own pre-token, as BERT
+    normalizer: Literal["none", "nfc", "nfkc"] = "none"
+    from_: str = ""  # recipe key `from`: a tokenizer.json or HF directory used instead of training
+
+    def __post_init__(self) -> None:
+        # WordPiece holds the 256 byte symbols twice (word-initial and continuation), 13 roles, 100 sentinels.
+        least = {"wordpiece": 13 + 2 * 256 + 100}.get(self.kind, 0)
+        if self.vocab_size < least:
+            raise ConfigError(f"tokenizer.vocab_size: {self.kind} needs at least {least} (got {self.vocab_size})")
+        if self.kind == "unigram" and self.cjk == "chars":
+            # HF's Unigram trainer seeds pieces from substrings repeated across distinct pre-tokens; a
+            # one-ideograph pre-token is inside no other, so no ideograph would ever get a token.
+            raise ConfigError("tokenizer.cjk: 'chars' does not work with kind 'unigram' (no ideograph is learned)")
+
+
+@dataclass
+class MixtureConfig:
+    """T3: how much of each source training draws, by tokens (see lmforge.tokens.mixture)."""
+
+    weights: dict[str, float] = field(default_factory=dict)  # source -> share of tokens; {} -> temperature
+    temperature: float = 1.0  # without weights: p ∝ n^(1/T) for a source of n tokens (1: natural shares)
+    max_epochs: float = 4.0  # warn when a source starts more epochs than this (0: never)
+
+
+@dataclass
+class CurriculumStage:
+    """T4: one stage of a curriculum: its token budget, sequence length and mixture."""
+
+    tokens: int = 0  # tokens drawn in this stage; 0 in the last stage: the rest of the run
+    seq_len: int = 0  # 0 -> train.seq_len
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
 
 
 @dataclass
 class TokensConfig:
     dtype: Literal["auto", "uint16", "uint32"] = "auto"
+    packing: Literal["greedy", "best_fit"] = "greedy"  # best_fit: every row starts at a document start
+    long_docs: Literal["crop", "split"] = "crop"  # best_fit: a document longer than a row
+    block_docs: int = 1024  # best_fit packs this many shuffled documents at a time
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    curriculum: list[CurriculumStage] = field(default_factory=list)  # empty: one stage, `mixture`
 
 
 # ---------------------------------------------------------------- sections chosen by name
@@ -255,6 +296,7 @@ def build(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    data = {f"{k}_" if keyword.iskeyword(k) else k: v for k, v in data.items()}  # recipe `from` -> field `from_`
     for key in data:
         if key not in fields:
             raise ConfigError(
@@ -289,6 +331,7 @@ def choose_variant(base: type, data: Any, where: str) -> Any:
 
 
 def _join(where: str, key: str) -> str:
+    key = key[:-1] if key.endswith("_") and keyword.iskeyword(key[:-1]) else key  # messages name the recipe key
     return f"{where}.{key}" if where else key
 
 
@@ -366,6 +409,8 @@ def validate(cfg: RunConfig) -> None:
         ("data.docs_per_shard", cfg.data.docs_per_shard > 0, "must be > 0"),
         ("tokenizer.vocab_size", 400 <= cfg.tokenizer.vocab_size <= 2**32 - 1, "must be in [400, 2^32)"),
         ("train.seq_len", 0 < cfg.train.seq_len <= cfg.model.max_seq_len, "must be in (0, model.max_seq_len]"),
+        ("tokens.block_docs", cfg.tokens.block_docs > 0, "must be > 0"),
+        ("tokens.mixture.temperature", cfg.tokens.mixture.temperature > 0, "must be > 0"),
         ("train.batch_size", cfg.train.batch_size > 0, "must be > 0"),
         ("train.grad_accum", cfg.train.grad_accum > 0, "must be > 0"),
         ("train.max_steps", cfg.train.max_steps > 0, "must be > 0"),
@@ -389,6 +434,7 @@ def validate(cfg: RunConfig) -> None:
     for key, ok, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg} (got {_get_dotted(cfg, key)!r})")
+    _validate_curriculum(cfg)
     cfg.model.validate("model")
     cfg.objective.validate("objective")
     if cfg.model.family not in cfg.objective.families:
@@ -397,6 +443,30 @@ def validate(cfg: RunConfig) -> None:
             f"(a {cfg.model.family} model); it trains: {', '.join(cfg.objective.families)}"
         )
     cfg.objective.check_model(cfg.model, "objective")
+
+
+def _validate_curriculum(cfg: RunConfig) -> None:
+    """Stage lengths fit the model, and the budgets fit the run (counted for one process; more
+    ranks draw more tokens per step, which only ends stages sooner)."""
+    stages = cfg.tokens.curriculum
+    run_tokens = cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum
+    for i, stage in enumerate(stages):
+        where = f"tokens.curriculum[{i}]"
+        seq_len = stage.seq_len or cfg.train.seq_len
+        if not 0 < seq_len <= cfg.model.max_seq_len:
+            raise ConfigError(f"{where}.seq_len: must be in (0, model.max_seq_len={cfg.model.max_seq_len}] "
+                              f"(got {seq_len})")
+        if stage.tokens < 0 or (stage.tokens == 0 and i + 1 < len(stages)):
+            raise ConfigError(f"{where}.tokens: must be > 0 (0 only in the last stage: the rest of the run)")
+        if stage.mixture.temperature <= 0:
+            raise ConfigError(f"{where}.mixture.temperature: must be > 0 (got {stage.mixture.temperature!r})")
+    budget = sum(s.tokens for s in stages)
+    smallest = run_tokens * min((s.seq_len or cfg.train.seq_len) for s in stages) if stages else 0
+    if stages and budget > smallest:
+        raise ConfigError(
+            f"tokens.curriculum: stage budgets add up to {budget:,} tokens, more than this run draws "
+            f"(train.max_steps x batch_size x grad_accum x seq_len = about {smallest:,}); lower them or train longer"
+        )
 
 
 def _get_dotted(cfg: Any, key: str) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lmforge.config import ConfigError, RunConfig, save_config, to_dict
+from lmforge.config import ConfigError, CurriculumStage, RunConfig, save_config, to_dict
 from lmforge.io_utils import atomic_write_json
 
 
@@ -63,9 +63,12 @@ def stage_data(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 
 def stage_tokenizer(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     from lmforge.data.io import read_documents
-    from lmforge.tokenizer.train import spread_sample, train_tokenizer
+    from lmforge.tokenizer.train import import_tokenizer, spread_sample, train_tokenizer
 
     paths = RunPaths(cfg.out)
+    if cfg.tokenizer.from_:  # a given tokenizer instead of training one: the data stage is not needed
+        tok = import_tokenizer(cfg.tokenizer.from_, paths.tokenizer)
+        return {"path": str(paths.tokenizer), "vocab_size": tok.get_vocab_size(), "from": cfg.tokenizer.from_}
     docs = read_documents(_need(paths.data / "train", "data"))
     ledger = json.loads(_need(paths.data / "ledger.json", "data").read_text(encoding="utf-8"))
     corpus_bytes = ledger["totals"]["bytes_kept"]
@@ -76,34 +79,64 @@ def stage_tokenizer(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
-    from lmforge.data.io import read_documents
-    from lmforge.tokenizer.train import load_tokenizer
-    from lmforge.tokens.shards import write_token_shards
+    """One token set per (split, source), resumable per input document shard; returns each split's
+    manifest (tokens, documents, bytes and bytes/token per source)."""
+    from lmforge.data.io import read_documents, shard_paths
+    from lmforge.tokenizer.special_tokens import load_special_tokens
+    from lmforge.tokenizer.train import load_tokenizer, tokenizer_hash
+    from lmforge.tokens.token_sets import tokenize_split
 
     paths = RunPaths(cfg.out)
     tok = load_tokenizer(_need(paths.tokenizer, "tokenizer"))
+    eos = load_special_tokens(paths.tokenizer, tok).eos
+    # A document quoting "<|endoftext|>" must not produce a real EOS, or it would split in two.
+    tok.encode_special_tokens = True
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+
     out = {}
     for split in ("train", "val"):
-        docs = read_documents(_need(paths.data / split, "data"))
-        out[split] = write_token_shards(
-            docs, tok, paths.tokenizer, paths.tokens, split, dtype=cfg.tokens.dtype, progress=progress
-        )
+        inputs = shard_paths(_need(paths.data / split, "data"))
+        out[split] = tokenize_split(inputs, read_documents, encode, paths.tokens, split,
+                                    tokenizer_hash(paths.tokenizer), tok.get_vocab_size(), eos,
+                                    dtype=cfg.tokens.dtype, progress=progress)
     return out
 
 
 # ---------------------------------------------------------------------------- model
 
 
-def _datasets(paths: RunPaths) -> tuple[Any, Any]:
+def _datasets(paths: RunPaths) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train and val token sets, {source: TokenDataset} each, checked against the run's tokenizer."""
     from lmforge.tokenizer.train import tokenizer_hash
-    from lmforge.tokens.shards import TokenDataset
+    from lmforge.tokens.token_sets import open_split
 
     _need(paths.tokens, "tokenize")
-    train, val = TokenDataset(paths.tokens, "train"), TokenDataset(paths.tokens, "val")
+    train, val = open_split(paths.tokens, "train"), open_split(paths.tokens, "val")
     digest = tokenizer_hash(_need(paths.tokenizer, "tokenizer"))
-    train.check_tokenizer(digest)
-    val.check_tokenizer(digest)
+    for ds in [*train.values(), *val.values()]:
+        ds.check_tokenizer(digest)
     return train, val
+
+
+def build_loader(cfg: RunConfig, sources: dict[str, Any], objective: Any, rank: int = 0, world_size: int = 1) -> Any:
+    """The training loader: the mixture (or each curriculum stage's) over the train token sets."""
+    from lmforge.tokens.loader import PackedLoader, Stage
+    from lmforge.tokens.mixture import resolve_weights
+
+    sizes = {name: ds.n_tokens for name, ds in sources.items()}
+    tc = cfg.tokens
+    plan = tc.curriculum or [CurriculumStage(mixture=tc.mixture)]
+    stages = [
+        Stage(st.tokens, objective.window(st.seq_len or cfg.train.seq_len),
+              resolve_weights(sizes, st.mixture.weights, st.mixture.temperature,
+                              f"tokens.curriculum[{i}].mixture" if tc.curriculum else "tokens.mixture"))
+        for i, st in enumerate(plan)
+    ]
+    return PackedLoader(sources, stages[0].window, cfg.train.batch_size, cfg.seed, rank, world_size,
+                        packing=tc.packing, long_docs=tc.long_docs, block_docs=tc.block_docs, stages=stages,
+                        max_epochs=plan[0].mixture.max_epochs)
 
 
 def objective_for(cfg: RunConfig, trained: RunConfig | None = None) -> Any:
@@ -122,7 +155,6 @@ def objective_for(cfg: RunConfig, trained: RunConfig | None = None) -> Any:
 def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
     from lmforge.models import build_model, count_params
     from lmforge.tokenizer.train import load_tokenizer
-    from lmforge.tokens.loader import PackedLoader
     from lmforge.train.checkpoint import find_latest, read_state
     from lmforge.train.trainer import Trainer
 
@@ -143,7 +175,7 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
     objective = objective_for(cfg)
-    loader = PackedLoader(train_ds, objective.window(cfg.train.seq_len), cfg.train.batch_size, cfg.seed)
+    loader = build_loader(cfg, train_ds, objective)
     save_config(cfg, cfg.out / "config.yaml")
     trainer = Trainer(cfg, model, loader, objective, paths.checkpoints, paths.metrics, progress=progress)
     t0 = time.perf_counter()
@@ -157,6 +189,7 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
         "final_train_loss": result.losses[max(result.losses)] if result.losses else None,
         "seconds": seconds,
         "checkpoint": str(find_latest(paths.checkpoints)),
+        "data": trainer.loader.stats(),
     }
 
 
@@ -182,7 +215,7 @@ def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, RunConfig, Path]:
 
 
 def stage_eval(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
-    from lmforge.eval.perplexity import evaluate, unigram_cross_entropy
+    from lmforge.eval.perplexity import evaluate_sources, unigram_cross_entropy
     from lmforge.train.trainer import resolve_device
 
     paths = RunPaths(cfg.out)
@@ -192,7 +225,7 @@ def stage_eval(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     objective = objective_for(cfg, trained)
 
     def score(m: torch.nn.Module) -> dict[str, Any]:
-        return evaluate(m.to(device), val_ds, objective, trained.train.seq_len, cfg.eval.batch_size,
+        return evaluate_sources(m.to(device), val_ds, objective, trained.train.seq_len, cfg.eval.batch_size,
                         cfg.eval.max_tokens, device, progress)
 
     metrics: dict[str, Any] = score(model)

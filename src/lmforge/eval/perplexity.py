@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,17 +62,46 @@ def evaluate(
     return out
 
 
-def token_counts(dataset: TokenDataset, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    for start in range(0, dataset.n_tokens, chunk):
-        part = dataset.tokens(start, min(start + chunk, dataset.n_tokens))
-        counts += np.bincount(part, minlength=vocab_size)[:vocab_size]
-    return counts
+def evaluate_sources(
+    model: nn.Module,
+    sources: dict[str, TokenDataset],
+    objective: Objective,
+    seq_len: int,
+    batch_size: int,
+    max_tokens: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """`evaluate` on each source's validation set (max_tokens per source), plus the totals over all
+    of them, target-token weighted: {"loss", ..., "sources": {name: metrics}}."""
+    per = {}
+    for name, ds in sources.items():
+        if ds.n_tokens >= 2:
+            try:
+                per[name] = evaluate(model, ds, objective, seq_len, batch_size, max_tokens, device, progress)
+            except ValueError:  # a source too small for one window of this objective: reported as absent
+                continue
+    if not per:
+        raise ValueError(f"no validation source has {objective.window(seq_len)} tokens; nothing to evaluate")
+    count = sum(m["tokens"] for m in per.values())
+    out: dict[str, Any] = {"tokens": count}
+    for key in ("loss", "accuracy", "nsp_loss"):
+        if all(key in m for m in per.values()):
+            out[key] = sum(m[key] * m["tokens"] for m in per.values()) / count
+    out["perplexity"] = math.exp(out["loss"])
+    if all("bits_per_byte" in m for m in per.values()):
+        # Bytes each source's tokens covered, recovered from its own bits/byte.
+        covered = sum(m["loss"] * m["tokens"] / math.log(2) / m["bits_per_byte"] for m in per.values())
+        out["bits_per_byte"] = out["loss"] * count / math.log(2) / covered
+    out["sources"] = per
+    return out
 
 
-def unigram_cross_entropy(train: TokenDataset, val: TokenDataset, vocab_size: int) -> float:
+def unigram_cross_entropy(train: dict[str, TokenDataset], val: dict[str, TokenDataset], vocab_size: int) -> float:
     """Cross-entropy (nats/token) on `val` of add-one-smoothed unigram frequencies from `train`:
-    what a model that ignores context scores, so a trained model must land clearly below it."""
-    probs = (token_counts(train, vocab_size) + 1) / (train.n_tokens + vocab_size)
-    val_counts = token_counts(val, vocab_size)
+    what a model that ignores context scores, so a trained model must land clearly below it. The
+    counts were stored at tokenize time: nothing is rescanned."""
+    counts = sum(ds.counts()[:vocab_size] for ds in train.values())
+    probs = (counts + 1) / (counts.sum() + vocab_size)
+    val_counts = sum(ds.counts()[:vocab_size] for ds in val.values())
     return float(-(val_counts * np.log(probs)).sum() / val_counts.sum())

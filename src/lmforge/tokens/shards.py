@@ -17,6 +17,7 @@ manifest exists is complete; TokenDataset opens exactly the shards it lists and 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import re
 import struct
@@ -39,7 +40,7 @@ INDEX_VERSION = 1
 _HEADER = struct.Struct("<8sIIQ")  # magic, version, reserved, n_docs
 MANIFEST_FORMAT = "lmforge-token-shard"
 SET_FORMAT = "lmforge-token-shard-set"
-SET_VERSION = 1
+SET_VERSION = 2  # 2: unigram counts beside the set
 _RETOKENIZE = "re-run `lmforge tokenize`"
 # What the set manifest repeats from each shard's own manifest; TokenDataset checks they agree.
 _LISTED_KEYS = ("n_tokens", "n_docs", "n_bytes", "bin_xxh64", "idx_xxh64")
@@ -96,6 +97,19 @@ def _xxh64_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def load_counts(path: Path, vocab_size: int) -> np.ndarray:
+    """Unigram counts saved by a ShardWriter (np.load without pickle: the file is data only)."""
+    if not path.is_file():
+        raise ShardError(f"{path}: missing token counts; {_RETOKENIZE}")
+    try:
+        counts = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise ShardError(f"{path}: unreadable token counts ({e}); {_RETOKENIZE}") from e
+    if counts.shape != (vocab_size,) or counts.dtype != np.int64:
+        raise ShardError(f"{path}: counts of shape {counts.shape} {counts.dtype}, expected ({vocab_size},) int64")
+    return counts
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -132,16 +146,55 @@ class ShardWriter:
         self._n_shards = 0
         self._listing: list[dict[str, Any]] = []  # one entry per finished shard, for the set manifest
         self._totals: dict[str, dict[str, int]] = {}
+        # Unigram counts of the whole set (EOS included), kept so evaluation never rescans the corpus.
+        self.counts = np.zeros(vocab_size, dtype=np.int64)
         self._out: AtomicFile | None = None  # the shard being written
+        self._resume: dict[str, Any] | None = None
+
+    def resume(self, state: dict[str, Any]) -> ShardWriter:
+        """Continue a set from `progress()` of an interrupted writer: its finished shards are kept,
+        anything written after them is removed on enter. Call before entering."""
+        self._resume = state
+        return self
+
+    def progress(self) -> dict[str, Any]:
+        """What `resume` needs, valid right after `roll()` (no shard open). Counts travel separately
+        (`save_counts`), being vocabulary-sized."""
+        assert self._out is None, "progress() is taken between shards"
+        return {"n_shards": self._n_shards, "listing": self._listing, "totals": self._totals}
 
     def __enter__(self) -> ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # The set manifest goes first: from here until __exit__ writes a new one, the set is
         # unreadable, so a crash part-way can never leave old and new shards that open as one set.
         set_manifest_path(self.out_dir, self.name).unlink(missing_ok=True)
+        keep = set()
+        if self._resume is not None:
+            self._n_shards = int(self._resume["n_shards"])
+            self._listing = list(self._resume["listing"])
+            self._totals = {k: dict(v) for k, v in self._resume["totals"].items()}
+            keep = {f"{e['stem']}.{ext}" for e in self._listing for ext in ("bin", "idx", "json")}
+            self.counts = load_counts(self.counts_path(partial=True), self.vocab_size)
         for p in _shard_files(self.out_dir, self.name):
-            p.unlink()
+            if p.name not in keep:
+                p.unlink()
         return self
+
+    def counts_path(self, partial: bool = False) -> Path:
+        return self.out_dir / f"{self.name}.counts{'.partial' if partial else ''}.npy"
+
+    def roll(self) -> None:
+        """Finish the open shard now (a checkpoint boundary for a resumable writer)."""
+        if self._out is not None:
+            self._finish_shard()
+
+    def save_counts(self, partial: bool = False) -> str:
+        """Write the unigram counts atomically (np.save, no pickle); returns their xxh64."""
+        buf = io.BytesIO()
+        np.save(buf, self.counts, allow_pickle=False)
+        data = buf.getvalue()
+        atomic_write_bytes(self.counts_path(partial), data)
+        return xxhash.xxh64(data).hexdigest()
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
@@ -150,7 +203,9 @@ class ShardWriter:
             return
         if self._out is not None or self._n_shards == 0:
             self._finish_shard()  # with no documents at all, an empty shard keeps the set openable
-        self._write_set_manifest()
+        counts_xxh64 = self.save_counts()
+        self.counts_path(partial=True).unlink(missing_ok=True)
+        self._write_set_manifest(counts_xxh64)
         self.summary = self._summary()
 
     def add(self, ids: np.ndarray | list[int], source: str, n_bytes: int) -> None:
@@ -196,7 +251,9 @@ class ShardWriter:
     def _flush(self) -> None:
         assert self._out is not None
         if self._buffer:
-            data = np.concatenate(self._buffer).tobytes()
+            tokens = np.concatenate(self._buffer)
+            self.counts += np.bincount(tokens, minlength=self.vocab_size)[: self.vocab_size]
+            data = tokens.tobytes()
             self._out.file.write(data)
             self._hash.update(data)
         self._buffer = []
@@ -243,7 +300,7 @@ class ShardWriter:
                 total[key] += value
         self._n_shards += 1
 
-    def _write_set_manifest(self) -> None:
+    def _write_set_manifest(self, counts_xxh64: str) -> None:
         """Written last: its presence is what marks the set complete."""
         manifest = {
             "format": SET_FORMAT,
@@ -255,6 +312,7 @@ class ShardWriter:
             "n_shards": self._n_shards,
             **{key: sum(entry[key] for entry in self._listing) for key in ("n_tokens", "n_docs", "n_bytes")},
             "shards": self._listing,
+            "counts_xxh64": counts_xxh64,
         }
         atomic_write_json(set_manifest_path(self.out_dir, self.name), manifest)
 
@@ -365,24 +423,32 @@ class _Shard:
         )
 
     def _read_index(self) -> None:
-        data = self.idx_path.read_bytes()
+        """Header and sizes checked now; the arrays are memory-mapped, read only where used (a rank
+        never copies a billion-document index into memory). `verify` checks their contents."""
         off_at, src_at, bytes_at, size = _index_layout(self.n_docs)
-        if len(data) != size:
+        actual = self.idx_path.stat().st_size
+        if actual != size:
             raise ShardError(
-                f"{self.idx_path}: {len(data)} bytes, expected {size} for {self.n_docs} documents; "
+                f"{self.idx_path}: {actual} bytes, expected {size} for {self.n_docs} documents; "
                 "the file is truncated or corrupted"
             )
-        magic, version, _, n_docs = _HEADER.unpack_from(data)
+        with open(self.idx_path, "rb") as f:
+            magic, version, _, n_docs = _HEADER.unpack(f.read(_HEADER.size))
         if magic != INDEX_MAGIC or version != INDEX_VERSION or n_docs != self.n_docs:
             raise ShardError(f"{self.idx_path}: bad header (magic {magic!r}, version {version}, {n_docs} docs)")
         n = self.n_docs
-        self.offsets = np.frombuffer(data, "<u8", n + 1, off_at).astype(np.int64)
-        self.source_ids = np.frombuffer(data, "<u2", n, src_at).astype(np.int64)
-        self.doc_bytes = np.frombuffer(data, "<u8", n, bytes_at).astype(np.int64)
-        # Every document holds at least its EOS, so starts strictly increase.
-        if self.offsets[0] != 0 or self.offsets[-1] != self.n_tokens or np.any(np.diff(self.offsets) <= 0):
+        raw = np.memmap(self.idx_path, dtype=np.uint8, mode="r")
+        self.offsets = raw[off_at:src_at].view("<i8")  # written as uint64, always < 2^63
+        self.source_ids = raw[src_at : src_at + 2 * n].view("<u2")
+        self.doc_bytes = raw[bytes_at:size].view("<i8")
+        if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != self.n_tokens:
             raise ShardError(f"{self.idx_path}: document offsets are inconsistent with {self.n_tokens} tokens")
-        if n and self.source_ids.max() >= len(self.manifest["source_names"]):
+
+    def _check_index(self) -> None:
+        # Every document holds at least its EOS, so starts strictly increase.
+        if np.any(np.diff(self.offsets) <= 0):
+            raise ShardError(f"{self.idx_path}: document offsets are inconsistent with {self.n_tokens} tokens")
+        if self.n_docs and int(self.source_ids.max()) >= len(self.manifest["source_names"]):
             raise ShardError(f"{self.idx_path}: source id beyond the manifest's source_names")
 
     def verify(self) -> None:
@@ -390,6 +456,7 @@ class _Shard:
             got = _xxh64_file(path)
             if got != self.manifest[key]:
                 raise ShardError(f"{path}: xxh64 {got} does not match the manifest's {self.manifest[key]}")
+        self._check_index()
 
 
 def _read_set_manifest(out_dir: Path, name: str) -> dict[str, Any]:
@@ -465,21 +532,56 @@ class TokenDataset:
         for shard in self.shards:
             self.source_names += [s for s in shard.manifest["source_names"] if s not in self.source_names]
         self._shard_starts = np.cumsum([0] + [s.n_tokens for s in self.shards])
+        self._shard_docs = np.cumsum([0] + [s.n_docs for s in self.shards])
         self.n_tokens = int(self._shard_starts[-1])
-        self.n_docs = sum(s.n_docs for s in self.shards)
-        self.doc_starts = np.concatenate(
+        self.n_docs = int(self._shard_docs[-1])
+        self.total_bytes = int(self.set_manifest["n_bytes"])
+
+    @functools.cached_property
+    def doc_starts(self) -> np.ndarray:
+        """int64 [n_docs + 1] start of every document in the stream (built on first use: the loader
+        reads per-shard offsets instead, so memory does not grow with the corpus)."""
+        return np.concatenate(
             [s.offsets[:-1] + base for s, base in zip(self.shards, self._shard_starts, strict=False)]
             + [np.array([self.n_tokens], dtype=np.int64)]
         )
-        self.doc_bytes = np.concatenate([s.doc_bytes for s in self.shards])
+
+    @functools.cached_property
+    def doc_bytes(self) -> np.ndarray:
+        return np.concatenate([s.doc_bytes for s in self.shards])
+
+    @functools.cached_property
+    def source_ids(self) -> np.ndarray:
         global_id = {name: i for i, name in enumerate(self.source_names)}
-        self.source_ids = np.concatenate(
+        return np.concatenate(
             [
                 np.array([global_id[n] for n in s.manifest["source_names"]], dtype=np.int64)[s.source_ids]
                 for s in self.shards
             ]
         )
-        self.total_bytes = int(self.doc_bytes.sum())
+
+    def doc_bounds(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(start, stop) token positions of documents `docs` (global numbers, any int array)."""
+        docs = np.asarray(docs, dtype=np.int64)
+        if docs.size and (docs.min() < 0 or docs.max() >= self.n_docs):
+            raise IndexError(f"document number outside [0, {self.n_docs})")
+        shard = np.searchsorted(self._shard_docs, docs, side="right") - 1
+        starts, stops = np.empty_like(docs), np.empty_like(docs)
+        for i in np.unique(shard):
+            at = shard == i
+            local = docs[at] - self._shard_docs[i]
+            base = self._shard_starts[i]
+            starts[at] = self.shards[i].offsets[local] + base
+            stops[at] = self.shards[i].offsets[local + 1] + base
+        return starts, stops
+
+    def counts(self) -> np.ndarray:
+        """Unigram counts of the set (int64 [vocab_size]), written at tokenize time and checked."""
+        path = self.out_dir / f"{self.name}.counts.npy"
+        if not path.is_file() or _xxh64_file(path) != self.set_manifest.get("counts_xxh64"):
+            raise ShardError(f"{path}: missing or not the counts {set_manifest_path(self.out_dir, self.name)} lists; "
+                             f"{_RETOKENIZE}")
+        return load_counts(path, int(self.set_manifest["vocab_size"]))
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -503,11 +605,11 @@ class TokenDataset:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """Identifies the tokenizer and document layout, not the sharding: loader state checks it on resume."""
-        digest = xxhash.xxh64(f"{self.tokenizer_sha256}:{self.n_tokens}:{self.source_names}".encode())
-        digest.update(self.doc_starts.astype("<i8").tobytes())
-        digest.update(self.source_ids.astype("<i8").tobytes())
-        return digest.hexdigest()
+        """Identifies the tokenizer and the content's totals, not the sharding: loader state checks it
+        on resume. Read from the manifests only, so opening a set never scans its index."""
+        m = self.set_manifest
+        key = f"{self.tokenizer_sha256}:{self.n_tokens}:{self.n_docs}:{m['n_bytes']}:{self.source_names}"
+        return xxhash.xxh64(key.encode()).hexdigest()
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of the stream; a read-only view when inside one shard."""
@@ -525,11 +627,18 @@ class TokenDataset:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def doc_index(self, positions: np.ndarray) -> np.ndarray:
-        """Global document number (int64) of each token position; any array shape."""
-        positions = np.asarray(positions)
+        """Global document number (int64) of each token position; any array shape. Looked up in the
+        shard's own offsets, no corpus-sized array."""
+        positions = np.asarray(positions, dtype=np.int64)
         if positions.size and (positions.min() < 0 or positions.max() >= self.n_tokens):
             raise IndexError(f"token position outside [0, {self.n_tokens})")
-        return np.searchsorted(self.doc_starts, positions, side="right").astype(np.int64) - 1
+        shard = np.searchsorted(self._shard_starts, positions, side="right") - 1
+        out = np.empty(positions.shape, dtype=np.int64)
+        for i in np.unique(shard):
+            at = shard == i
+            local = positions[at] - self._shard_starts[i]
+            out[at] = np.searchsorted(self.shards[i].offsets, local, side="right") - 1 + self._shard_docs[i]
+        return out
 
     def verify(self) -> None:
         """Recompute every shard's checksums; raises ShardError naming the first bad file."""

@@ -1,0 +1,189 @@
+"""Token sets per (split, source): `tokens/{split}/{source}-NNNNN.*` plus one split manifest.
+
+Each source of a split is its own TokenDataset (shards.py), so a mixture samples sources
+independently. Tokenizing is resumable at the grain of the data stage's document shards: after each
+input shard every source's open token shard is finished and `tokens/{split}/progress.json` records
+what is done (atomically); a killed run re-encodes only the input shards after that point. The
+split manifest `tokens/{split}.json` is written last and lists every source with its token, document
+and byte counts, bytes/token and the checksum of its set manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import xxhash
+from tqdm import tqdm
+
+from lmforge.data.document import Document
+from lmforge.io_utils import atomic_write_json
+from lmforge.tokens.shards import ShardError, ShardWriter, TokenDataset, set_manifest_path
+
+SPLIT_FORMAT = "lmforge-token-split"
+SPLIT_VERSION = 1
+_ENCODE_BATCH_DOCS = 1024
+Encode = Callable[[list[str]], list[list[int]]]
+
+
+def split_manifest_path(tokens_dir: Path, split: str) -> Path:
+    return Path(tokens_dir) / f"{split}.json"
+
+
+def _file_key(path: Path) -> dict[str, Any]:
+    """Identifies an input shard's content, so a resume never reuses tokens of a changed file."""
+    digest = xxhash.xxh64()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return {"name": path.name, "size": path.stat().st_size, "xxh64": digest.hexdigest()}
+
+
+def tokenize_split(
+    inputs: list[Path],
+    read: Callable[[Path], Iterable[Document]],
+    encode: Encode,
+    tokens_dir: Path,
+    split: str,
+    tokenizer_sha256: str,
+    vocab_size: int,
+    eos_id: int,
+    dtype: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Encode the documents of `inputs` (document shards, read by `read`) into one token set per
+    source; resume after the last finished input shard when progress.json matches. Returns the
+    split manifest."""
+    tokens_dir = Path(tokens_dir)
+    out_dir = tokens_dir / split
+    split_manifest_path(tokens_dir, split).unlink(missing_ok=True)  # incomplete from here on
+    keys = [_file_key(p) for p in inputs]
+    identity = {"tokenizer_sha256": tokenizer_sha256, "vocab_size": vocab_size, "dtype": dtype, "eos_id": eos_id}
+    state = _load_progress(out_dir, identity, keys)
+    if state is None and out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = state["done"] if state else 0
+    writers: dict[str, ShardWriter] = {}
+
+    def writer(source: str) -> ShardWriter:
+        if source not in writers:
+            _check_source_name(source)
+            w = ShardWriter(out_dir, source, tokenizer_sha256, vocab_size, dtype, eos_id=eos_id)
+            if state and source in state["sources"]:
+                w.resume(state["sources"][source])
+            writers[source] = w.__enter__()
+        return writers[source]
+
+    for source in state["sources"] if state else {}:
+        writer(source)
+    try:
+        with tqdm(desc=f"tokenize {split}", unit="doc", disable=not progress) as bar:
+            for k in range(done, len(inputs)):
+                for batch in _batches(read(inputs[k]), _ENCODE_BATCH_DOCS):
+                    for doc, ids in zip(batch, encode([d.text for d in batch]), strict=True):
+                        writer(doc.source).add(ids, doc.source, doc.n_bytes)
+                    bar.update(len(batch))
+                _checkpoint(out_dir, identity, keys, k + 1, writers)
+    except BaseException:
+        for w in writers.values():
+            w.__exit__(RuntimeError, None, None)  # drops the open shard's temporary file only
+        raise
+    for w in writers.values():
+        w.__exit__(None, None, None)
+    manifest = _split_manifest(split, identity, writers)
+    atomic_write_json(split_manifest_path(tokens_dir, split), manifest)
+    (out_dir / "progress.json").unlink(missing_ok=True)
+    return manifest
+
+
+def _check_source_name(source: str) -> None:
+    # A source names files: keep it to one plain path component.
+    if not source or source in (".", "..") or any(c in source for c in "/\\\0") or source == "progress":
+        raise ValueError(f"source name {source!r} cannot name a token set (no '/', '\\', NUL, '.', '..', 'progress')")
+
+
+def _checkpoint(out_dir: Path, identity: dict, keys: list[dict], done: int, writers: dict[str, ShardWriter]) -> None:
+    sources = {}
+    for name, w in writers.items():
+        w.roll()
+        sources[name] = {**w.progress(), "counts_xxh64": w.save_counts(partial=True)}
+    atomic_write_json(out_dir / "progress.json", {**identity, "inputs": keys[:done], "done": done, "sources": sources})
+
+
+def _load_progress(out_dir: Path, identity: dict, keys: list[dict]) -> dict[str, Any] | None:
+    """The saved progress when it belongs to this tokenizer and these same leading input shards."""
+    path = out_dir / "progress.json"
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    same = all(state.get(k) == v for k, v in identity.items()) and state.get("inputs") == keys[: state.get("done", -1)]
+    # A crash between saving a source's counts and progress.json leaves counts of a later point.
+    counts_ok = all(
+        (out_dir / f"{name}.counts.partial.npy").is_file()
+        and xxhash.xxh64((out_dir / f"{name}.counts.partial.npy").read_bytes()).hexdigest() == src["counts_xxh64"]
+        for name, src in state.get("sources", {}).items()
+    )
+    return state if same and counts_ok else None
+
+
+def _split_manifest(split: str, identity: dict, writers: dict[str, ShardWriter]) -> dict[str, Any]:
+    sources = {}
+    for name in sorted(writers):
+        w = writers[name]
+        assert w.summary is not None
+        set_path = set_manifest_path(w.out_dir, name)
+        sources[name] = {
+            "n_tokens": w.summary["n_tokens"],
+            "n_docs": w.summary["n_docs"],
+            "n_bytes": w.summary["n_bytes"],
+            "bytes_per_token": w.summary["bytes_per_token"],
+            "set_xxh64": xxhash.xxh64(set_path.read_bytes()).hexdigest(),
+        }
+    totals = {k: sum(s[k] for s in sources.values()) for k in ("n_tokens", "n_docs", "n_bytes")}
+    return {"format": SPLIT_FORMAT, "version": SPLIT_VERSION, "split": split, **identity, **totals,
+            "sources": sources}
+
+
+def _batches(docs: Iterable[Document], size: int) -> Iterable[list[Document]]:
+    batch: list[Document] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def read_split_manifest(tokens_dir: Path, split: str) -> dict[str, Any]:
+    path = split_manifest_path(tokens_dir, split)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: tokenization of {split!r} did not finish; run `lmforge tokenize`")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(m, dict) or m.get("format") != SPLIT_FORMAT or m.get("version") != SPLIT_VERSION:
+        raise ShardError(f"{path}: not a version {SPLIT_VERSION} {SPLIT_FORMAT} manifest; re-run `lmforge tokenize`")
+    return m
+
+
+def open_split(tokens_dir: Path, split: str) -> dict[str, TokenDataset]:
+    """Every source's token set of `split`, each checked against the split manifest."""
+    m = read_split_manifest(tokens_dir, split)
+    out = {}
+    for name, entry in m["sources"].items():
+        _check_source_name(name)
+        set_path = set_manifest_path(Path(tokens_dir) / split, name)
+        if not set_path.is_file() or xxhash.xxh64(set_path.read_bytes()).hexdigest() != entry["set_xxh64"]:
+            raise ShardError(f"{set_path}: missing or not the set {split_manifest_path(tokens_dir, split)} lists; "
+                             "re-run `lmforge tokenize`")
+        out[name] = TokenDataset(Path(tokens_dir) / split, name)
+    return out

@@ -1,0 +1,271 @@
+"""Token sets per source, mixtures, best-fit packing, curricula and the loader state that carries them.
+
+Datasets are position-coded as in test_loader: the token at stream position p is p + 1 (documents
+end with EOS = 0), so any row tells where each of its pieces came from."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_loader import write_position_coded
+
+from lmforge.data.document import Document
+from lmforge.errors import ConfigError
+from lmforge.tokenizer.special_tokens import EOS_ID
+from lmforge.tokens.loader import PackedLoader, Stage, pack_best_fit
+from lmforge.tokens.mixture import SmoothRoundRobin, resolve_weights
+from lmforge.tokens.permutation import Permutation
+from lmforge.tokens.shards import TokenDataset
+from lmforge.tokens.token_sets import open_split, tokenize_split
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, TokenDataset]:
+    root = tmp_path_factory.mktemp("mix")
+    sizes = {"web": 3000, "code": 1200, "zh": 400}
+    return {n: write_position_coded(root / n, n, size, seed=i, max_shard_tokens=500)
+            for i, (n, size) in enumerate(sizes.items())}
+
+
+# ---------------------------------------------------------------- weights
+
+
+def test_temperature_weights_follow_n_to_the_one_over_t() -> None:
+    sizes = {"a": 900, "b": 100, "c": 0}
+    assert resolve_weights(sizes, {}, 1.0) == pytest.approx({"a": 0.9, "b": 0.1})
+    flat = resolve_weights(sizes, {}, 2.0)
+    assert flat == pytest.approx({"a": 30 / 40, "b": 10 / 40})  # sqrt(900) : sqrt(100)
+    assert "c" not in flat  # a source without tokens draws nothing
+
+
+def test_bad_weights_are_clear_errors() -> None:
+    sizes = {"a": 10, "b": 5, "empty": 0}
+    with pytest.raises(ConfigError, match=r"tokens.mixture.weights.nope: no such source; .*\['a', 'b', 'empty'\]"):
+        resolve_weights(sizes, {"nope": 1.0})
+    with pytest.raises(ConfigError, match=r"weights.a: must be a number >= 0 \(got -0.5\)"):
+        resolve_weights(sizes, {"a": -0.5, "b": 1.5})
+    with pytest.raises(ConfigError, match="weights.empty: the source has no tokens"):
+        resolve_weights(sizes, {"a": 0.5, "empty": 0.5})
+    with pytest.raises(ConfigError, match="temperature: must be > 0"):
+        resolve_weights(sizes, {}, 0.0)
+    with pytest.warns(UserWarning, match="weights sum to 3, not 1; normalised"):
+        assert resolve_weights(sizes, {"a": 2, "b": 1}) == pytest.approx({"a": 2 / 3, "b": 1 / 3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_weights(sizes, {"a": 0.25, "b": 0.75}) == {"a": 0.25, "b": 0.75}
+
+
+@settings(max_examples=30, deadline=None)
+@given(raw=st.lists(st.floats(0.01, 10), min_size=1, max_size=6), n=st.integers(1, 3000))
+def test_round_robin_keeps_every_prefix_within_two_draws(raw: list[float], n: int) -> None:
+    weights = {f"s{i}": w / sum(raw) for i, w in enumerate(raw)}
+    rr = SmoothRoundRobin(weights)
+    drawn = {name: 0 for name in weights}
+    for k in range(1, n + 1):
+        drawn[rr.choose()] += 1
+        for name, w in weights.items():
+            assert abs(drawn[name] - k * w) < 2.0
+
+
+def test_realised_token_shares_match_the_weights_over_10m_tokens(sources) -> None:
+    weights = {"web": 0.5, "code": 0.3, "zh": 0.2}
+    loader = PackedLoader(sources, 256, 64, seed=0, weights=weights, max_epochs=0)
+    rows = np.zeros(3, dtype=np.int64)  # counted from the batches, not only from the loader's bookkeeping
+    while loader.state["tokens"] < 10_000_000:
+        rows += np.bincount(loader.next_batch().source_ids, minlength=3)
+    stats = loader.stats()
+    assert stats["tokens"] >= 10_000_000 and rows.sum() * 256 == stats["tokens"]
+    for name, w in weights.items():
+        assert abs(stats["source_share"][name] - w) < 0.01, (name, stats["source_share"])
+        assert abs(rows[loader.names.index(name)] / rows.sum() - w) < 0.01
+
+
+def test_rows_carry_their_source_and_tokens_of_that_source(sources) -> None:
+    loader = PackedLoader(sources, 32, 16, seed=1, weights={"web": 0.6, "zh": 0.4})
+    batch = loader.next_batch()
+    names = loader.names
+    assert set(batch.source_ids.tolist()) == {names.index("web"), names.index("zh")}
+    for row, src, ids in zip(batch.tokens, batch.source_ids, batch.doc_ids, strict=True):
+        ds = sources[names[src]]
+        j = int(np.flatnonzero(row != EOS_ID)[0])
+        start = int(row[j]) - 1 - j
+        assert np.array_equal(row, ds.tokens(start, start + 32))
+        assert np.array_equal(ids >> 40, np.full(32, src))  # doc ids are unique across sources
+
+
+# ---------------------------------------------------------------- permutation
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 5000), key=st.tuples(st.integers(0, 2**32), st.integers(0, 9)))
+def test_permutation_is_a_bijection(n: int, key: tuple[int, int]) -> None:
+    out = Permutation(n, key)(np.arange(n))
+    assert np.array_equal(np.sort(out), np.arange(n))
+    assert n < 8 or not np.array_equal(out, np.arange(n))
+
+
+def test_an_epoch_sees_every_window_once_across_ranks(sources) -> None:
+    ds = sources["code"]
+    ranks = [PackedLoader(ds, 16, 3, seed=5, rank=r, world_size=4) for r in range(4)]
+    n = ranks[0].n_samples
+    starts = []
+    for _ in range(-(-n // 12)):
+        for loader in ranks:
+            for row in loader.next_batch().tokens:
+                j = int(np.flatnonzero(row != EOS_ID)[0])
+                starts.append(int(row[j]) - 1 - j)
+    first_epoch = starts[:n]
+    assert sorted(first_epoch) == [k * 15 for k in range(n)]
+
+
+# ---------------------------------------------------------------- best-fit packing
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(1, 120), min_size=1, max_size=80), window=st.integers(4, 64),
+       long_docs=st.sampled_from(["crop", "split"]))
+def test_best_fit_rows_are_full_and_every_token_is_accounted_for(lengths, window, long_docs) -> None:
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).tolist()
+    rows, cropped = pack_best_fit(starts, lengths, window, long_docs)
+    used = [piece for row in rows for piece in row]
+    assert all(sum(length for _, length in row) == window for row in rows)
+    assert sum(length for _, length in used) + cropped == sum(lengths)
+    doc_of = {s: i for i, s in enumerate(starts)}
+    piece_starts = {s + k for s, n in zip(starts, lengths, strict=True) for k in range(0, n, window)}
+    for row in rows:
+        first = row[0][0]
+        assert first in doc_of or (long_docs == "split" and first in piece_starts)
+    covered = np.zeros(sum(lengths), dtype=int)
+    for s, n in used:
+        covered[s : s + n] += 1
+    assert covered.max() <= 1  # no token is used twice
+    if long_docs == "crop":  # a document longer than the row loses at least its overhang
+        assert cropped >= sum(max(0, n - window) for n in lengths)
+
+
+def test_best_fit_loader_rows_start_at_documents_and_mark_boundaries(sources) -> None:
+    ds = sources["web"]
+    loader = PackedLoader(ds, 48, 8, seed=3, packing="best_fit", block_docs=40)
+    doc_starts = set(ds.doc_starts[:-1].tolist())
+    for _ in range(6):
+        batch = loader.next_batch()
+        for row, ids in zip(batch.tokens, batch.doc_ids, strict=True):
+            assert int(row[0]) - 1 in doc_starts  # position-coded: token p+1 sits at position p
+            changes = np.flatnonzero(np.diff(ids)) + 1
+            assert np.all(np.diff(ids) >= 0) and np.all(np.diff(ids)[changes - 1] == 1)  # consecutive pieces
+            for c in changes:  # a piece that ended early ended with its EOS, or the next one is a new document
+                assert row[c - 1] == EOS_ID or int(row[c]) - 1 in doc_starts
+    stats = loader.stats()
+    assert stats["utilisation"] == 1.0 and 0.0 < stats["cropped_share"] < 0.5
+
+
+# ---------------------------------------------------------------- curriculum and resume
+
+
+def curriculum(sources) -> list[Stage]:
+    return [Stage(2000, 16, {"web": 1.0}), Stage(3000, 32, {"code": 0.5, "zh": 0.5}), Stage(0, 24, {"web": 0.2,
+            "code": 0.8})]
+
+
+def run(sources, steps: int, world: int, batch: int, packing: str, state=None, stop_at=None):
+    loaders = [PackedLoader(sources, 16, batch, seed=9, rank=r, world_size=world, packing=packing,
+                            stages=curriculum(sources), block_docs=30) for r in range(world)]
+    if state is not None:
+        for ld in loaders:
+            ld.load_state_dict(json.loads(json.dumps(state)))
+    out = []
+    for step in range(steps):
+        if stop_at is not None and step == stop_at:
+            return out, loaders[0].state_dict()
+        parts = [ld.next_batch() for ld in loaders]
+        out.append((np.concatenate([p.tokens for p in parts]), np.concatenate([p.sample_ids for p in parts]),
+                    loaders[0].state["stage"]))
+    return out, loaders[0].state_dict()
+
+
+def test_stages_switch_at_the_first_batch_boundary_past_their_budget(sources) -> None:
+    steps, _ = run(sources, 40, 1, 8, "greedy")
+    widths = [t.shape[1] for t, _, _ in steps]
+    # Stage 0: 2000 tokens of 8 x 16 = 128 per batch -> 16 batches (2048 tokens); stage 1: 3000 tokens
+    # of 8 x 32 = 256 per batch -> 12 batches (3072 tokens); then stage 2 to the end.
+    assert widths == [16] * 16 + [32] * 12 + [24] * 12
+
+
+@settings(max_examples=25, deadline=None)
+@given(packing=st.sampled_from(["greedy", "best_fit"]), at=st.integers(0, 35),
+       w1=st.integers(1, 3), w2=st.integers(1, 3))
+def test_resume_mid_stage_and_at_boundaries_on_other_rank_counts_equals_uninterrupted(sources, packing, at, w1, w2):
+    batch = 12  # the global batch stays 12 rows: 12 x 1, 6 x 2 or 4 x 3
+    full, _ = run(sources, 36, 1, batch, packing)
+    if batch % w1 or batch % w2:
+        return
+    _, state = run(sources, 36, w1, batch // w1, packing, stop_at=at)
+    rest, _ = run(sources, 36 - at, w2, batch // w2, packing, state=state)
+    for (a, ids_a, stage_a), (b, ids_b, stage_b) in zip(full[at:], rest, strict=True):
+        assert np.array_equal(a, b) and np.array_equal(ids_a, ids_b) and stage_a == stage_b
+
+
+# ---------------------------------------------------------------- token sets on disk
+
+
+def docs_by_shard() -> dict[str, list[Document]]:
+    rng = np.random.default_rng(0)
+    words = ["data", "模型", "token", "数据", "x=1;", "the"]
+    return {
+        f"shard-{k:05d}": [Document(f"{k}-{i}", " ".join(rng.choice(words, rng.integers(1, 30))),
+                                    ["web", "code", "zh"][int(rng.integers(3))]) for i in range(40)]
+        for k in range(4)
+    }
+
+
+def encode(texts: list[str]) -> list[list[int]]:
+    return [[1 + (b % 250) for b in t.encode("utf-8")] for t in texts]
+
+
+def tokenize(root, inputs, shards, crash_at: str | None = None, calls: list | None = None) -> dict:
+    def read(path):
+        if path.name == crash_at:
+            raise KeyboardInterrupt("killed")
+        if calls is not None:
+            calls.append(path.name)
+        return iter(shards[path.name])
+
+    return tokenize_split(inputs, read, encode, root / "tokens", "train", "f" * 64, 256, EOS_ID, progress=False)
+
+
+def test_tokenize_writes_one_set_per_source_and_resumes_only_unfinished_shards(tmp_path) -> None:
+    shards = docs_by_shard()
+    inputs = []
+    for name, docs in shards.items():
+        path = tmp_path / "data" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps([d.id for d in docs]))  # content identifies the input for resume
+        inputs.append(path)
+    whole = tokenize(tmp_path / "a", inputs, shards)
+    sets = open_split(tmp_path / "a" / "tokens", "train")
+    for source, ds in sets.items():
+        mine = [d for docs in shards.values() for d in docs if d.source == source]
+        stream = np.concatenate([np.array(encode([d.text])[0] + [EOS_ID]) for d in mine])
+        assert np.array_equal(ds.tokens(0, ds.n_tokens), stream)
+        assert np.array_equal(ds.counts(), np.bincount(stream, minlength=256))
+        assert whole["sources"][source]["n_tokens"] == len(stream)
+        assert whole["sources"][source]["bytes_per_token"] == pytest.approx(
+            sum(d.n_bytes for d in mine) / (len(stream) - len(mine)))
+
+    with pytest.raises(KeyboardInterrupt):
+        tokenize(tmp_path / "b", inputs, shards, crash_at="shard-00002")
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        open_split(tmp_path / "b" / "tokens", "train")
+    calls: list[str] = []
+    resumed = tokenize(tmp_path / "b", inputs, shards, calls=calls)
+    assert calls == ["shard-00002", "shard-00003"]  # the two finished input shards were not re-read
+    assert resumed == whole
+    for source in sets:
+        a, b = sets[source], open_split(tmp_path / "b" / "tokens", "train")[source]
+        assert np.array_equal(a.tokens(0, a.n_tokens), b.tokens(0, b.n_tokens))
+        assert np.array_equal(a.counts(), b.counts())
