@@ -161,7 +161,7 @@ def test_best_fit_loader_rows_start_at_documents_and_mark_boundaries(sources) ->
             for c in changes:  # a piece that ended early ended with its EOS, or the next one is a new document
                 assert row[c - 1] == EOS_ID or int(row[c]) - 1 in doc_starts
     stats = loader.stats()
-    assert stats["utilisation"] == 1.0 and 0.0 < stats["cropped_share"] < 0.5
+    assert stats["row_fill"] == 1.0 and 0.0 < stats["cropped_share"] < 0.5
 
 
 # ---------------------------------------------------------------- curriculum and resume

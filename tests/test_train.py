@@ -9,6 +9,7 @@ import torch
 
 from lmforge.models import build_model
 from lmforge.objectives import ObjectiveContext, build_objective
+from lmforge.objectives.base import AttentionLayout
 from lmforge.recipe import load_config
 from lmforge.tokenizer.special_tokens import SpecialTokens
 from lmforge.tokens.loader import Batch
@@ -173,3 +174,29 @@ def test_torn_metrics_line_does_not_block_resume(tmp_path: Path):
         f.write('{"step": 4, "lo')  # the process died mid-append
     log.truncate_after(2)
     assert [r["step"] for r in log.read()] == [1, 2]
+
+
+def test_padding_is_counted_for_the_utilisation_and_survives_resume(tmp_path: Path):
+    cfg = tiny_cfg(tmp_path)
+
+    def padded(trainer: Trainer) -> Trainer:
+        inner = trainer.objective
+
+        def objective(batch):  # the last 3 positions of every row become padding (segment 0)
+            ex = inner(batch)
+            segments = torch.ones_like(ex.input_ids)
+            segments[:, -3:] = 0
+            ex.layout = AttentionLayout(causal=True, segment_ids=segments)
+            return ex
+
+        objective.window = inner.window
+        trainer.objective = objective
+        return trainer
+
+    full = padded(make_trainer(cfg, tmp_path / "a", init_seed=0))
+    full.fit()
+    assert full.pad_tokens == 8 * 2 * 4 * 3 and full.tokens_seen == 8 * 2 * 4 * 16
+    padded(make_trainer(cfg, tmp_path / "b", init_seed=0)).fit(stop_after=5)
+    resumed = padded(make_trainer(cfg, tmp_path / "b", init_seed=0))
+    resumed.fit()
+    assert resumed.pad_tokens == full.pad_tokens

@@ -151,7 +151,8 @@ def summary(r: dict[str, dict[str, Any]]) -> str:
 def _shares(data: dict[str, Any]) -> str:
     """Realised token share per source, and the cropped share when packing best-fit crops."""
     shares = ", ".join(f"{name} {share:.1%}" for name, share in data["source_share"].items() if share)
-    return f"{shares}; rows {data['utilisation']:.0%} full, {data['cropped_share']:.1%} of tokens cropped"
+    return (f"{shares}; {data['utilisation']:.1%} of model inputs are not padding, "
+            f"{data['cropped_share']:.1%} of tokens cropped by packing")
 
 
 def _quality(ev: dict[str, Any]) -> str:

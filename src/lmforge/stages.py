@@ -189,7 +189,7 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
         "final_train_loss": result.losses[max(result.losses)] if result.losses else None,
         "seconds": seconds,
         "checkpoint": str(find_latest(paths.checkpoints)),
-        "data": trainer.loader.stats(),
+        "data": {**trainer.loader.stats(), "utilisation": 1 - trainer.pad_tokens / max(trainer.tokens_seen, 1)},
     }
 
 

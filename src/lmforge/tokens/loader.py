@@ -307,7 +307,7 @@ class PackedLoader:
             "tokens": st["tokens"],
             "source_tokens": dict(st["source_tokens"]),
             "source_share": {n: t / total for n, t in st["source_tokens"].items()},
-            "utilisation": 1.0,  # rows are always full: greedy windows, best-fit with cropped fill
+            "row_fill": 1.0,  # rows are always full: greedy windows, best-fit with cropped fill
             "cropped_share": st["cropped"] / max(st["cropped"] + st["tokens"], 1),
             "stage": st["stage"],
         }

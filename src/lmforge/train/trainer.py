@@ -83,6 +83,7 @@ class Trainer:
         )
         self.step = 0
         self.tokens_seen = 0
+        self.pad_tokens = 0  # input positions that are padding (segment 0): 1 - pad/seen is the utilisation
 
     # ------------------------------------------------------------------ state
 
@@ -93,12 +94,14 @@ class Trainer:
         state = load_checkpoint(latest, self.model, self.optimizer)
         self.loader.load_state_dict(state["loader"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.pad_tokens = state.get("pad_tokens", 0)
         self.metrics.truncate_after(self.step)
         return self.step
 
     def save(self) -> Path:
         state = {
             "tokens_seen": self.tokens_seen,
+            "pad_tokens": self.pad_tokens,
             "loader": self.loader.state_dict(),
             "config": to_dict(self.cfg),
         }
@@ -159,6 +162,8 @@ class Trainer:
             for t, s in sums.items():
                 totals[t] += s.item()
             self.tokens_seen += int(ex.input_ids.numel())
+            if ex.layout.segment_ids is not None:
+                self.pad_tokens += int((ex.layout.segment_ids == 0).sum())
         terms = {t: totals[t] / max(counts[t], 1.0) for t in totals}
         loss_value = sum(terms.values())
         if not math.isfinite(loss_value):
