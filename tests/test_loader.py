@@ -243,3 +243,11 @@ def test_sample_ids_are_unique_and_new_each_epoch(ds) -> None:
     seen = np.concatenate([loader.next_batch().sample_ids for _ in range(3 * loader.n_samples // 4)])
     assert len(set(seen.tolist())) == len(seen)  # an epoch's repeat of a window gets a new id (new noise)
     assert set((seen % loader.n_samples).tolist()) == set(range(loader.n_samples))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_doc_ids_of_a_range_equal_a_lookup_per_token(ds, data):
+    start = data.draw(st.integers(0, ds.n_tokens))
+    stop = data.draw(st.integers(start, ds.n_tokens))
+    assert np.array_equal(ds.doc_ids_range(start, stop), ds.doc_index(np.arange(start, stop)))

@@ -8,7 +8,10 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from lmforge import stages
 from lmforge.config import ConfigError, RunConfig
@@ -37,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
     try:
-        cfg = load_config(args.config, args.overrides)
+        configs = args.config or []  # later --config files merge over the first, as overrides do
+        cfg = load_config(configs[0] if configs else None, [*fragment_overrides(configs[1:]), *args.overrides])
         return _dispatch(args, cfg)
     except (ConfigError, FileNotFoundError) as e:  # the command or its inputs are wrong
         print(f"lmforge: error: {e}", file=sys.stderr)
@@ -59,9 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     commands["generate"] = "sample text from a checkpoint"
     commands["tokenizer-report"] = "bytes per token of the run's tokenizer, per source of its clean documents"
     commands["run"] = "all stages, in order, from one recipe"
+    commands["mixture-search"] = "train small proxies on candidate mixtures and pick the best (T6)"
     for name, help_ in commands.items():
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("--config", "-c", help="YAML recipe (defaults: the built-in CPU demo)")
+        sp.add_argument("--config", "-c", action="append",
+                        help="YAML recipe (defaults: the built-in CPU demo); repeat to merge fragments over it")
         sp.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
         if name == "generate":
             what = sp.add_mutually_exclusive_group()
@@ -69,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
             what.add_argument("--fill-mask", metavar="TEXT", help='text with [MASK] placeholders (encoders)')
         if name == "tokenizer-report":
             sp.add_argument("--split", choices=["train", "val"], default="val", help="documents to measure on")
+        if name == "mixture-search":
+            from lmforge.mixture_search import add_cli_options
+
+            add_cli_options(sp)
         sp.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     _extend_vocab_parser(sub)
     return p
@@ -99,6 +109,10 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
     if args.stage == "generate":
         print(stages.stage_generate(cfg, args.prompt, fill_mask=args.fill_mask)["text"])
         return 0
+    if args.stage == "mixture-search":
+        from lmforge.mixture_search import cli_main
+
+        return cli_main(args, cfg, progress)
     if args.stage == "run":
         results = run_all(cfg, progress)
         print(summary(results))
@@ -110,6 +124,28 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
     else:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def fragment_overrides(paths: list[str]) -> list[str]:
+    """A recipe fragment's leaves as `a.b=value` overrides: mappings merge into the recipe, the rest replace."""
+    out: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix[:-1]}={json.dumps(node)}")
+
+    for path in paths:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"--config {path}: not a readable YAML file: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        walk(raw, "")
+    return out
 
 
 def run_all(cfg: RunConfig, progress: bool = True) -> dict[str, dict[str, Any]]:
@@ -133,7 +169,7 @@ def summary(r: dict[str, dict[str, Any]]) -> str:
         f"documents   {d['docs_kept']:,} kept of {d['docs_in']:,} "
         f"({d['train_docs']:,} train / {d['val_docs']:,} val)",
         f"tokens      {tok['train']['n_tokens']:,} train / {tok['val']['n_tokens']:,} val "
-        f"(vocab {r['tokenizer']['vocab_size']:,})",
+        f"(vocab {r['tokenizer']['vocab_size']:,}, encoded with {tok['encoder']})",
         f"model       {tr['params']:,} params, {tr['steps']} steps, {tr['tokens_seen']:,} tokens seen",
         f"mixture     {_shares(tr['data'])}",
         f"validation  {ev['objective']} loss {ev['loss']:.3f} nats vs unigram baseline {ev['unigram_loss']:.3f} "

@@ -82,6 +82,7 @@ def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """One token set per (split, source), resumable per input document shard; returns each split's
     manifest (tokens, documents, bytes and bytes/token per source)."""
     from lmforge.data.io import read_documents, shard_paths
+    from lmforge.tokenizer.fast_encode import FastEncoder
     from lmforge.tokenizer.special_tokens import load_special_tokens
     from lmforge.tokenizer.train import load_tokenizer, tokenizer_hash
     from lmforge.tokens.token_sets import tokenize_split
@@ -89,11 +90,12 @@ def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     paths = RunPaths(cfg.out)
     tok = load_tokenizer(_need(paths.tokenizer, "tokenizer"))
     eos = load_special_tokens(paths.tokenizer, tok).eos
-    # A document quoting "<|endoftext|>" must not produce a real EOS, or it would split in two.
-    tok.encode_special_tokens = True
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    # tiktoken when it reproduces this tokenizer exactly, else `tokenizers`; either way a document
+    # quoting "<|endoftext|>" encodes it as text, never as a real EOS that would split it in two.
+    encoder = FastEncoder(tok, specials_as_text=True)
+    if progress:
+        print(f"tokenize: encoding with {encoder.backend} ({encoder.reason})")
+    encode = encoder.encode_arrays
 
     out = {}
     for split in ("train", "val"):
@@ -101,7 +103,7 @@ def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         out[split] = tokenize_split(inputs, read_documents, encode, paths.tokens, split,
                                     tokenizer_hash(paths.tokenizer), tok.get_vocab_size(), eos,
                                     dtype=cfg.tokens.dtype, progress=progress)
-    return out
+    return {**out, "encoder": encoder.backend}
 
 
 # ---------------------------------------------------------------------------- model

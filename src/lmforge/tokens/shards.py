@@ -640,6 +640,18 @@ class TokenDataset:
             out[at] = np.searchsorted(self.shards[i].offsets, local, side="right") - 1 + self._shard_docs[i]
         return out
 
+    def doc_ids_range(self, start: int, stop: int) -> np.ndarray:
+        """doc_index(arange(start, stop)) from two lookups and the boundaries in between: the loader
+        calls it once per row, so it avoids a search per token."""
+        if start >= stop:
+            return np.zeros(0, dtype=np.int64)
+        first, last = (int(d) for d in self.doc_index(np.array([start, stop - 1])))
+        out = np.full(stop - start, first, dtype=np.int64)
+        if last > first:
+            boundaries = self.doc_bounds(np.arange(first + 1, last + 1))[0] - start
+            out += np.searchsorted(boundaries, np.arange(stop - start), side="right")
+        return out
+
     def verify(self) -> None:
         """Recompute every shard's checksums; raises ShardError naming the first bad file."""
         for shard in self.shards:

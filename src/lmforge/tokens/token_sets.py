@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import xxhash
 from tqdm import tqdm
 
@@ -26,7 +27,7 @@ from lmforge.tokens.shards import ShardError, ShardWriter, TokenDataset, set_man
 SPLIT_FORMAT = "lmforge-token-split"
 SPLIT_VERSION = 1
 _ENCODE_BATCH_DOCS = 1024
-Encode = Callable[[list[str]], list[list[int]]]
+Encode = Callable[[list[str]], Sequence[Sequence[int] | np.ndarray]]
 
 
 def split_manifest_path(tokens_dir: Path, split: str) -> Path:

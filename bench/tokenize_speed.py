@@ -1,0 +1,133 @@
+"""`lmforge tokenize` end to end against the bare encoder it wraps, in MB of UTF-8 text per second.
+
+    .venv/bin/python bench/tokenize_speed.py [--mb 15] [--threads 2] [--rounds 3] [--vocab 4096] [--quick] [--profile]
+
+Text: the built-in corpus (standard-library prose and code, all of it), documents repeated with new
+ids to --mb megabytes, shuffled and written as the data stage writes them (zstd JSONL document
+shards under data/train and data/val, 2% to val). A BPE of --vocab tokens is trained on the whole corpus, once.
+"ours" is `stage_tokenize` on that out_dir: read the document shards, encode with the stage's own
+encode function, write token shards, counts and manifests of both splits. The peer is the HF
+tokenizer it loads, `encode_batch` (add_special_tokens=False, special tokens read as text, as the
+stage does) on the same texts, held in memory, in the stage's batches of 1024 documents. Both run in
+this process with RAYON_NUM_THREADS=--threads. Rounds are interleaved so a shared machine's noise
+hits both; the best round of each is kept. --profile adds a cProfile of one stage run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import platform
+import pstats
+import random
+import shutil
+import tempfile
+import time
+
+BATCH_DOCS = 1024  # the tokenize stage's batch (lmforge.tokens.token_sets._ENCODE_BATCH_DOCS)
+VAL_SHARE = 0.02
+
+
+def corpus(mb: float, seed: int = 0) -> tuple[list, list[str]]:
+    """Documents of about `mb` MB (the corpus repeated with new ids as needed), and the corpus' texts."""
+    from lmforge.config import BuiltinCorpusConfig
+    from lmforge.data.builtin import iter_builtin_corpus
+    from lmforge.data.document import Document
+
+    base = list(iter_builtin_corpus(BuiltinCorpusConfig(max_prose_bytes=10**9, max_code_bytes=10**9)))
+    docs, total, copy = [], 0, 0
+    while total < mb * 1e6:
+        for d in base:
+            docs.append(Document(id=f"{d.id}#{copy}", text=d.text, source=d.source))
+            total += d.n_bytes
+            if total >= mb * 1e6:
+                break
+        copy += 1
+    random.Random(seed).shuffle(docs)
+    return docs, [d.text for d in base]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mb", type=float, default=15.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--quick", action="store_true", help="4 MB, 2 rounds")
+    ap.add_argument("--profile", action="store_true", help="also cProfile one stage run (top functions by own time)")
+    args = ap.parse_args()
+    if args.quick:
+        args.mb, args.rounds = 4.0, 2
+    os.environ["RAYON_NUM_THREADS"] = str(args.threads)  # before tokenizers starts its thread pool
+
+    from lmforge.config import TokenizerConfig
+    from lmforge.data.io import ShardWriter
+    from lmforge.recipe import load_config
+    from lmforge.stages import RunPaths, stage_tokenize
+    from lmforge.tokenizer.train import load_tokenizer, train_tokenizer
+
+    docs, unique = corpus(args.mb)
+    n_val = max(1, int(len(docs) * VAL_SHARE))
+    split_docs = {"val": docs[:n_val], "train": docs[n_val:]}
+    n_bytes = sum(d.n_bytes for d in docs)
+    with tempfile.TemporaryDirectory(prefix="lmforge-tokenize-bench-") as tmp:
+        cfg = load_config(overrides=[f"out_dir={tmp}"])
+        paths = RunPaths(cfg.out)
+        for split, part in split_docs.items():
+            with ShardWriter(paths.data / split, docs_per_shard=20_000) as w:  # the data stage's default
+                for d in part:
+                    w.write(d)
+        train_tokenizer(unique, TokenizerConfig(vocab_size=args.vocab), paths.tokenizer,
+                        progress=False)
+
+        tok = load_tokenizer(paths.tokenizer)
+        tok.encode_special_tokens = True  # as the stage sets it
+        texts = [d.text for split in ("train", "val") for d in split_docs[split]]
+
+        def bare() -> int:
+            n = 0
+            for i in range(0, len(texts), BATCH_DOCS):
+                n += sum(len(e) for e in tok.encode_batch(texts[i : i + BATCH_DOCS], add_special_tokens=False))
+            return n
+
+        def ours() -> int:
+            shutil.rmtree(paths.tokens, ignore_errors=True)
+            out = stage_tokenize(cfg, progress=False)
+            return sum(m["n_tokens"] - m["n_docs"] for m in out.values())  # without the EOS separators
+
+        sides = {"lmforge tokenize (stage)": ours, "bare encode_batch": bare}
+        best = dict.fromkeys(sides, 0.0)
+        tokens = {}
+        for _ in range(args.rounds):
+            for name, fn in sides.items():
+                t0 = time.perf_counter()
+                tokens[name] = fn()
+                best[name] = max(best[name], n_bytes / 1e6 / (time.perf_counter() - t0))
+        report = ""
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.runcall(ours)
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(15)
+            report = out.getvalue()
+    if len(set(tokens.values())) != 1:
+        raise SystemExit(f"token counts differ: {tokens}")
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus "
+          "(shared: other jobs may have been running)")
+    print(f"text: {n_bytes / 1e6:.1f} MB, {len(docs):,} documents (of the built-in corpus' {len(unique):,}, "
+          "repeated as needed), "
+          f"{tokens['bare encode_batch']:,} tokens with a {args.vocab} BPE; {args.threads} encoder threads, "
+          f"best of {args.rounds} interleaved rounds")
+    for name, mb_s in best.items():
+        print(f"{name:26s} {mb_s:7.2f} MB/s")
+    print(f"ratio stage/bare:          {best['lmforge tokenize (stage)'] / best['bare encode_batch']:.3f} "
+          "(target >= 0.9)")
+    if report:
+        print(f"\n--- cProfile of one stage run, top by own time ---\n{report}")
+
+
+if __name__ == "__main__":
+    main()
