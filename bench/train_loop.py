@@ -54,7 +54,7 @@ def peer(cfg, ds: TokenDataset) -> float:
     """The nanoGPT train.py loop: random offsets, AdamW, clip, cosine LR set by hand."""
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.optimizer.lr, betas=(0.9, 0.95), weight_decay=0.1)
     data = ds.tokens(0, ds.n_tokens)
     T, B = cfg.train.seq_len, cfg.train.batch_size
     t0 = time.perf_counter()
@@ -82,7 +82,7 @@ def main() -> None:
         cfg = load_config(
             None,
             [f"model.vocab_size={VOCAB}", f"model.d_model={args.d_model}", f"train.max_steps={args.steps}",
-             "train.warmup_steps=5", f"train.checkpoint_every={args.steps}", "train.device=cpu"],
+             "train.schedule.warmup_steps=5", f"train.checkpoint_every={args.steps}", "train.device=cpu"],
         )
         ds = make_dataset(root / "tokens", 2_000_000)
         peer(cfg, ds)  # warm-up: allocator and thread pools

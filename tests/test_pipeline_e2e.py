@@ -21,7 +21,7 @@ TINY = [
     "train.seq_len=64",
     "train.batch_size=8",
     "train.max_steps=250",
-    "train.warmup_steps=5",
+    "train.schedule.warmup_steps=5",
     "train.checkpoint_every=100",
     "eval.generate.max_new_tokens=8",
 ]

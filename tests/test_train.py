@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge.config import ConfigError
 from lmforge.models import build_model
 from lmforge.objectives import ObjectiveContext, build_objective
 from lmforge.objectives.base import AttentionLayout
@@ -59,9 +60,9 @@ def tiny_cfg(tmp_path: Path, *overrides: str):
             "train.batch_size=4",
             "train.grad_accum=2",
             "train.max_steps=8",
-            "train.warmup_steps=2",
+            "train.schedule.warmup_steps=2",
             "train.checkpoint_every=3",
-            "train.lr=1e-2",
+            "train.optimizer.lr=1e-2",
             *overrides,
         ],
     )
@@ -115,7 +116,7 @@ def test_checkpoint_roundtrip_and_pruning(tmp_path: Path):
     cfg = tiny_cfg(tmp_path)
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    opt = build_optimizer(model, cfg.train)
+    opt = build_optimizer(model, cfg.train.optimizer)
     x = torch.randint(0, VOCAB, (2, 8))
     model(x).float().mean().backward()
     opt.step()
@@ -127,7 +128,7 @@ def test_checkpoint_roundtrip_and_pruning(tmp_path: Path):
 
     torch.manual_seed(1)
     other = build_model(cfg.model)
-    other_opt = build_optimizer(other, cfg.train)
+    other_opt = build_optimizer(other, cfg.train.optimizer)
     state = load_checkpoint(latest, other, other_opt)
     assert state["step"] == 3 and state["loader"] == {"cursor": 3}
     for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
@@ -200,3 +201,21 @@ def test_padding_is_counted_for_the_utilisation_and_survives_resume(tmp_path: Pa
     resumed = padded(make_trainer(cfg, tmp_path / "b", init_seed=0))
     resumed.fit()
     assert resumed.pad_tokens == full.pad_tokens
+
+
+def test_batch_in_tokens_sets_accumulation_and_the_ramp_grows_it_in_tokens(tmp_path: Path):
+    cfg = tiny_cfg(tmp_path, "train.batch_tokens=512", "train.max_steps=12", "train.checkpoint_every=100")
+    assert cfg.train.grad_accum == 512 // (4 * 16) == 8
+    with pytest.raises(ConfigError, match=r"train.batch_tokens: 500 is not a multiple of .* = 4 x 16 = 64"):
+        tiny_cfg(tmp_path, "train.batch_tokens=500")
+    ramped = tiny_cfg(tmp_path, "train.batch_tokens=512", "train.batch_ramp.start_tokens=64",
+                      "train.batch_ramp.ramp_tokens=2048", "train.max_steps=12", "train.checkpoint_every=100")
+    trainer = make_trainer(ramped, tmp_path / "r", init_seed=0)
+    sizes = []
+    for _ in range(12):
+        sizes.append(trainer.micro_batches())
+        trainer.train_step()
+    assert sizes[0] == 1 and sizes == sorted(sizes) and sizes[-1] == 8  # grows to the full batch, never back
+    assert trainer.tokens_seen == sum(sizes) * 4 * 16
+    # The schedule runs on rows: a ramped run reaches a given LR later in steps, at the same tokens.
+    assert trainer.rows_seen == sum(sizes) * 4

@@ -19,7 +19,10 @@ import yaml
 
 from lmforge.errors import ConfigError
 
-__all__ = ["ConfigError", "ModelConfig", "ObjectiveConfig", "RunConfig", "parse_config", "register_variant"]
+__all__ = [
+    "ConfigError", "ModelConfig", "ObjectiveConfig", "OptimizerConfig", "RunConfig", "ScheduleConfig", "parse_config",
+    "register_variant",
+]
 
 
 @dataclass
@@ -167,9 +170,61 @@ class ObjectiveConfig:
         """Checks that need the model too (MLM with NSP needs an NSP head), after `families` passed."""
 
 
+@dataclass
+class OptimizerConfig:
+    """What every optimizer's config has; `name` chooses the subclass (lmforge.train.optim)."""
+
+    DISCRIMINATOR: ClassVar[str] = "name"
+
+    name: str = "adamw"
+    lr: float = 3e-3  # the peak learning rate the schedule scales
+    weight_decay: float = 0.1  # matrices only, never norms, biases or (for some) embeddings
+
+    def validate(self, where: str) -> None:
+        check(where, "lr", self.lr > 0, "must be > 0", self.lr)
+        check(where, "weight_decay", self.weight_decay >= 0, "must be >= 0", self.weight_decay)
+
+
+@dataclass
+class ScheduleConfig:
+    """What every LR schedule's config has; `name` chooses the subclass (lmforge.train.schedules).
+    Schedules run on tokens seen, counted in steps of the full batch, so a batch ramp keeps them."""
+
+    DISCRIMINATOR: ClassVar[str] = "name"
+
+    name: str = "cosine"
+    warmup_steps: int = 20  # linear warmup, in full-batch steps (of tokens)
+    warmup_from: float = 0.0  # the warmup starts at this fraction of the peak (0: from zero)
+    min_lr_ratio: float = 0.1  # the floor the decay ends at, as a fraction of the peak
+
+    def validate(self, where: str) -> None:
+        check(where, "warmup_steps", self.warmup_steps >= 0, "must be >= 0", self.warmup_steps)
+        check(where, "warmup_from", 0.0 <= self.warmup_from <= 1.0, "must be in [0, 1]", self.warmup_from)
+        check(where, "min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "must be in [0, 1]", self.min_lr_ratio)
+
+
 def check(where: str, key: str, ok: bool, msg: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{_join(where, key)}: {msg} (got {value!r})")
+
+
+@dataclass
+class BatchRampConfig:
+    """P3: GPT-3's batch-size ramp: the batch grows linearly from `start_tokens` to the full batch
+    over the first `ramp_tokens` tokens, in whole micro-batches (off while start_tokens is 0)."""
+
+    start_tokens: int = 0
+    ramp_tokens: int = 0
+
+
+@dataclass
+class ParallelConfig:
+    """S2: how the processes torchrun starts share the work (lmforge.train.parallel)."""
+
+    mode: Literal["none", "ddp", "fsdp", "tp", "pp"] = "none"
+    microbatches: int = 2  # pp: micro-batches per micro-batch of train.batch_size rows (GPipe)
+    cpu_offload: bool = False  # fsdp: parameters, gradients and the optimizer step on the CPU
+    checkpoint_format: Literal["auto", "safetensors", "dcp"] = "auto"  # auto: dcp with several processes
 
 
 @dataclass
@@ -177,17 +232,14 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1
+    batch_tokens: int = 0  # tokens per optimizer step; > 0 derives grad_accum = batch_tokens / (batch_size x seq_len)
+    batch_ramp: BatchRampConfig = field(default_factory=BatchRampConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     max_steps: int = 500
-    optimizer: str = "adamw"
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    # Chosen by name: `train.optimizer.name=muon` (or `train.optimizer=muon`), each with its own keys.
+    optimizer: OptimizerConfig = field(default_factory=lambda: choose_variant(OptimizerConfig, {}, "train.optimizer"))
+    schedule: ScheduleConfig = field(default_factory=lambda: choose_variant(ScheduleConfig, {}, "train.schedule"))
     grad_clip: float = 1.0
-    schedule: str = "cosine"
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -317,7 +369,10 @@ def build(cls: type, data: Any, where: str) -> Any:
 
 
 def choose_variant(base: type, data: Any, where: str) -> Any:
-    """The registered subclass of `base` named by data[base.DISCRIMINATOR] (or its default), built."""
+    """The registered subclass of `base` named by data[base.DISCRIMINATOR] (or its default), built.
+    A bare name stands for {DISCRIMINATOR: name} (`train.optimizer=muon`)."""
+    if isinstance(data, str):
+        data = {base.DISCRIMINATOR: data}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     key = base.DISCRIMINATOR
@@ -410,20 +465,17 @@ def validate(cfg: RunConfig) -> None:
         ("tokenizer.vocab_size", 400 <= cfg.tokenizer.vocab_size <= 2**32 - 1, "must be in [400, 2^32)"),
         ("train.seq_len", 0 < cfg.train.seq_len <= cfg.model.max_seq_len, "must be in (0, model.max_seq_len]"),
         ("tokens.block_docs", cfg.tokens.block_docs > 0, "must be > 0"),
+        ("train.parallel.microbatches", cfg.train.parallel.microbatches > 0, "must be > 0"),
         ("tokens.mixture.temperature", cfg.tokens.mixture.temperature > 0, "must be > 0"),
         ("train.batch_size", cfg.train.batch_size > 0, "must be > 0"),
         ("train.grad_accum", cfg.train.grad_accum > 0, "must be > 0"),
         ("train.max_steps", cfg.train.max_steps > 0, "must be > 0"),
-        ("train.lr", cfg.train.lr > 0, "must be > 0"),
-        ("train.warmup_steps", 0 <= cfg.train.warmup_steps <= cfg.train.max_steps, "must be in [0, max_steps]"),
-        ("train.min_lr_ratio", 0.0 <= cfg.train.min_lr_ratio <= 1.0, "must be in [0, 1]"),
+        ("train.schedule.warmup_steps", cfg.train.schedule.warmup_steps <= cfg.train.max_steps,
+         "must be <= train.max_steps"),
         ("train.checkpoint_every", cfg.train.checkpoint_every > 0, "must be > 0"),
         ("train.keep_checkpoints", cfg.train.keep_checkpoints > 0, "must be > 0"),
         ("train.log_every", cfg.train.log_every > 0, "must be > 0"),
         ("train.grad_clip", cfg.train.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
-        ("train.weight_decay", cfg.train.weight_decay >= 0, "must be >= 0"),
-        ("train.beta1", 0.0 <= cfg.train.beta1 < 1.0, "must be in [0, 1)"),
-        ("train.beta2", 0.0 <= cfg.train.beta2 < 1.0, "must be in [0, 1)"),
         ("eval.batch_size", cfg.eval.batch_size > 0, "must be > 0"),
         ("eval.max_tokens", cfg.eval.max_tokens >= 0, "must be >= 0 (0 = the whole split)"),
         ("eval.generate.max_new_tokens", cfg.eval.generate.max_new_tokens >= 0, "must be >= 0"),
@@ -434,7 +486,10 @@ def validate(cfg: RunConfig) -> None:
     for key, ok, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg} (got {_get_dotted(cfg, key)!r})")
+    _derive_accumulation(cfg.train)
     _validate_curriculum(cfg)
+    cfg.train.optimizer.validate("train.optimizer")
+    cfg.train.schedule.validate("train.schedule")
     cfg.model.validate("model")
     cfg.objective.validate("objective")
     if cfg.model.family not in cfg.objective.families:
@@ -443,6 +498,27 @@ def validate(cfg: RunConfig) -> None:
             f"(a {cfg.model.family} model); it trains: {', '.join(cfg.objective.families)}"
         )
     cfg.objective.check_model(cfg.model, "objective")
+
+
+def _derive_accumulation(tc: TrainConfig) -> None:
+    """A batch given in tokens sets grad_accum; it must be whole micro-batches (for one process:
+    data-parallel ranks divide it further when they start)."""
+    micro = tc.batch_size * tc.seq_len
+    if tc.batch_tokens:
+        if tc.batch_tokens < 0 or tc.batch_tokens % micro:
+            raise ConfigError(
+                f"train.batch_tokens: {tc.batch_tokens:,} is not a multiple of train.batch_size x train.seq_len "
+                f"= {tc.batch_size} x {tc.seq_len} = {micro:,} tokens per micro-batch"
+            )
+        tc.grad_accum = tc.batch_tokens // micro
+    ramp = tc.batch_ramp
+    if ramp.start_tokens:
+        full = micro * tc.grad_accum
+        if not micro <= ramp.start_tokens <= full:
+            raise ConfigError(f"train.batch_ramp.start_tokens: must be in [one micro-batch = {micro:,}, the full "
+                              f"batch = {full:,}] (got {ramp.start_tokens:,})")
+        if ramp.ramp_tokens <= 0:
+            raise ConfigError(f"train.batch_ramp.ramp_tokens: must be > 0 with a ramp (got {ramp.ramp_tokens})")
 
 
 def _validate_curriculum(cfg: RunConfig) -> None:

@@ -12,8 +12,7 @@ from pathlib import Path
 from lmforge import models, objectives  # noqa: F401  (register architectures and objectives)
 from lmforge.config import RunConfig, build, parse_config
 from lmforge.data.filters import build_filter
-from lmforge.train.optim import OPTIMIZERS
-from lmforge.train.schedules import SCHEDULES
+from lmforge.train import optim, schedules  # noqa: F401  (register optimizers and schedules)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -21,8 +20,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = parse_config(path, overrides)
     for i, spec in enumerate(cfg.data.filters):
         build_filter(spec, i)
-    OPTIMIZERS.get(cfg.train.optimizer, "train.optimizer")
-    SCHEDULES.get(cfg.train.schedule, "train.schedule")
     return cfg
 
 

@@ -24,7 +24,7 @@ from lmforge.tokens.loader import Batch
 from lmforge.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from lmforge.train.metrics import MetricsLog
 from lmforge.train.optim import build_optimizer
-from lmforge.train.schedules import SCHEDULES
+from lmforge.train.schedules import build_schedule
 
 
 class BatchSource(Protocol):
@@ -76,13 +76,13 @@ class Trainer:
         self.ckpt_dir = Path(ckpt_dir)
         self.metrics = MetricsLog(metrics_path)
         self.progress = progress
-        self.optimizer = build_optimizer(self.model, self.tc)
-        self.schedule = SCHEDULES.build(
-            self.tc.schedule, where="train", name_key="train.schedule", lr=self.tc.lr,
-            warmup_steps=self.tc.warmup_steps, max_steps=self.tc.max_steps, min_lr_ratio=self.tc.min_lr_ratio,
-        )
+        self.optimizer = build_optimizer(self.model, self.tc.optimizer)
+        self.schedule = build_schedule(self.tc.schedule, self.tc.max_steps)
         self.step = 0
         self.tokens_seen = 0
+        # Rows trained on, the schedule's clock: rows / (batch_size x grad_accum) full steps, so a step
+        # of a batch ramp (fewer rows) advances the schedule by its share of tokens, not by one step.
+        self.rows_seen = 0
         self.pad_tokens = 0  # input positions that are padding (segment 0): 1 - pad/seen is the utilisation
 
     # ------------------------------------------------------------------ state
@@ -93,7 +93,7 @@ class Trainer:
             return 0
         state = load_checkpoint(latest, self.model, self.optimizer)
         self.loader.load_state_dict(state["loader"])
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.step, self.tokens_seen, self.rows_seen = state["step"], state["tokens_seen"], state["rows_seen"]
         self.pad_tokens = state.get("pad_tokens", 0)
         self.metrics.truncate_after(self.step)
         return self.step
@@ -101,6 +101,7 @@ class Trainer:
     def save(self) -> Path:
         state = {
             "tokens_seen": self.tokens_seen,
+            "rows_seen": self.rows_seen,
             "pad_tokens": self.pad_tokens,
             "loader": self.loader.state_dict(),
             "config": to_dict(self.cfg),
@@ -142,10 +143,11 @@ class Trainer:
         return result
 
     def train_step(self) -> dict[str, Any]:
-        lr = self.schedule(self.step)
+        factor = self.schedule(self.rows_seen / (self.tc.batch_size * self.tc.grad_accum))
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        examples = [self._example() for _ in range(self.tc.grad_accum)]
+            group["lr"] = group["base_lr"] * factor
+        lr = self.tc.optimizer.lr * factor
+        examples = [self._example() for _ in range(self.micro_batches())]
         # Normalise each loss term by the step's total target count, not per micro-batch: objectives
         # with variable loss masks (prefix LM, MLM, span corruption) would otherwise weigh tokens
         # unequally. Terms (MLM and NSP) are added after each is averaged, as BERT does.
@@ -162,6 +164,7 @@ class Trainer:
             for t, s in sums.items():
                 totals[t] += s.item()
             self.tokens_seen += int(ex.input_ids.numel())
+            self.rows_seen += int(ex.input_ids.shape[0])
             if ex.layout.segment_ids is not None:
                 self.pad_tokens += int((ex.layout.segment_ids == 0).sum())
         terms = {t: totals[t] / max(counts[t], 1.0) for t in totals}
@@ -185,6 +188,19 @@ class Trainer:
         if skipped:  # pieces too short for the objective: counted, never a crash
             record["skipped"] = skipped
         return record
+
+    def micro_batches(self) -> int:
+        """Micro-batches in this step: grad_accum, or fewer while a batch ramp grows the batch
+        linearly in tokens seen (counted in rows of train.seq_len, so resume recomputes it)."""
+        ramp, full = self.tc.batch_ramp, self.tc.grad_accum
+        if not ramp.start_tokens:
+            return full
+        micro_tokens = self.tc.batch_size * self.tc.seq_len
+        seen = self.rows_seen * self.tc.seq_len
+        if seen >= ramp.ramp_tokens:
+            return full
+        want = ramp.start_tokens + (full * micro_tokens - ramp.start_tokens) * seen / ramp.ramp_tokens
+        return max(1, min(full, round(want / micro_tokens)))
 
     def _example(self) -> Example:
         # The objective keys its randomness by each row's global sample id: nothing to save for an
