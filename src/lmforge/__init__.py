@@ -6,6 +6,7 @@ The Python API, imported lazily so `import lmforge` stays cheap:
     cfg = lmforge.load_config("recipes/bert.yaml", ["train.max_steps=100"])
     lmforge.run(cfg)                      # every stage; or lmforge.stages.stage_train(cfg) etc.
     model = lmforge.build_model(cfg.model)
+    lmforge.mixture_search(cfg, grid_step=0.25)   # proxies on candidate mixtures; the best as a fragment
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _API = {
     "tokenizer_report": "lmforge.tokenizer.report",
     "extend_vocabulary": "lmforge.tokenizer.extend",
     "resize_token_embeddings": "lmforge.models.resize",
+    "mixture_search": "lmforge",
     "stages": "lmforge",
 }
 
@@ -32,8 +34,8 @@ _API = {
 def __getattr__(name: str) -> Any:
     if name not in _API:
         raise AttributeError(f"module 'lmforge' has no attribute {name!r}")
-    if name == "stages":
-        return importlib.import_module("lmforge.stages")
+    if name in ("stages", "mixture_search"):  # submodules; mixture_search's module calls its function
+        return importlib.import_module(f"lmforge.{name}")
     value = getattr(importlib.import_module(_API[name]), "run_all" if name == "run" else name)
     globals()[name] = value
     return value
