@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
             what = sp.add_mutually_exclusive_group()
             what.add_argument("--prompt", help="text to continue (decoders) or to answer (encoder-decoders)")
             what.add_argument("--fill-mask", metavar="TEXT", help='text with [MASK] placeholders (encoders)')
+        if name in ("train", "run"):
+            sp.add_argument("--dry-run", action="store_true",
+                            help="print parameters, token budget, memory and time estimates; train nothing")
+            sp.add_argument("--probe-steps", type=int, default=3, help="timed steps of the dry run's probe (0: none)")
         if name == "tokenizer-report":
             sp.add_argument("--split", choices=["train", "val"], default="val", help="documents to measure on")
         if name == "mixture-search":
@@ -95,6 +99,11 @@ def _extend_vocab_parser(sub: Any) -> None:
 
 def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
     progress = not args.quiet
+    if getattr(args, "dry_run", False):  # train and run: the estimate needs no earlier stage
+        from lmforge.train.dry_run import dry_run
+
+        print(dry_run(cfg, probe_steps=args.probe_steps)["text"])
+        return 0
     if args.stage == "tokenizer-report":
         from lmforge.tokenizer.report import tokenizer_report
 

@@ -218,6 +218,38 @@ class BatchRampConfig:
 
 
 @dataclass
+class StabilityConfig:
+    """P4: loss-spike / NaN detection with automatic rollback (PaLM §5.1; lmforge.train.stability).
+    A step is a spike when its loss or gradient norm is non-finite, or its loss (and with grad_z_threshold
+    its gradient norm) scores more than a z-score above the mean of the last `window` good steps (after
+    `min_steps` of them). The step is not applied; training restarts from the newest checkpoint at least
+    `rewind_steps` before the spike, skips batches, and goes on."""
+
+    enabled: bool = True  # off: a non-finite loss or gradient stops the run (NonFiniteLoss), spikes train on
+    window: int = 50  # good steps whose mean and standard deviation the z-scores use
+    min_steps: int = 20  # good steps seen before z-scores are judged (warmup losses move fast)
+    # Healthy small runs measured (6 runs of 500-600 steps on the built-in corpus): loss z-scores up to 2.9,
+    # gradient-norm z-scores up to 19 (a 4.5x blip with the loss unmoved): the norm is heavy-tailed and
+    # clipping makes such blips harmless, so by default only the loss is judged, as PaLM did.
+    z_threshold: float = 6.0  # loss z-score that is a spike
+    grad_z_threshold: float = 0.0  # gradient-norm z-score that is a spike (0: off; NaN/Inf is always judged)
+    min_rel_std: float = 0.02  # std floor, as a fraction of the mean: a flat window makes any wiggle huge
+    rewind_steps: int = 10  # restart from the newest checkpoint at least this many steps before the spike
+    skip_batches: int = 20  # global batches skipped from the restored position (at least up to the spike)
+    max_rollbacks: int = 5  # give up (TrainingDiverged) after this many without a checkpoint past the spike
+
+
+@dataclass
+class FaultInjectionConfig:
+    """Drills and tests of P4: at these steps the loss (so the gradients too) is multiplied by
+    `spike_scale`, or made NaN; each fires once per run, rollbacks and resumes included."""
+
+    spike_at: list[int] = field(default_factory=list)
+    nan_at: list[int] = field(default_factory=list)
+    spike_scale: float = 1e4
+
+
+@dataclass
 class ParallelConfig:
     """S2: how the processes torchrun starts share the work (lmforge.train.parallel)."""
 
@@ -242,10 +274,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, forever (0: none)
     log_every: int = 10
     resume: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
+    fault_injection: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
 
 
 @dataclass
@@ -487,6 +522,7 @@ def validate(cfg: RunConfig) -> None:
         if not ok:
             raise ConfigError(f"{key}: {msg} (got {_get_dotted(cfg, key)!r})")
     _derive_accumulation(cfg.train)
+    _validate_stability(cfg.train)
     _validate_curriculum(cfg)
     cfg.train.optimizer.validate("train.optimizer")
     cfg.train.schedule.validate("train.schedule")
@@ -519,6 +555,22 @@ def _derive_accumulation(tc: TrainConfig) -> None:
                               f"batch = {full:,}] (got {ramp.start_tokens:,})")
         if ramp.ramp_tokens <= 0:
             raise ConfigError(f"train.batch_ramp.ramp_tokens: must be > 0 with a ramp (got {ramp.ramp_tokens})")
+
+
+def _validate_stability(tc: TrainConfig) -> None:
+    st, fi, where = tc.stability, tc.fault_injection, "train.stability"
+    check("train", "keep_every", tc.keep_every >= 0, "must be >= 0 (0: keep only the newest)", tc.keep_every)
+    check(where, "window", st.window >= 2, "must be >= 2 (a standard deviation needs two steps)", st.window)
+    check(where, "min_steps", 2 <= st.min_steps <= st.window, "must be in [2, window]", st.min_steps)
+    check(where, "z_threshold", st.z_threshold > 0, "must be > 0", st.z_threshold)
+    check(where, "grad_z_threshold", st.grad_z_threshold >= 0, "must be >= 0 (0: off)", st.grad_z_threshold)
+    check(where, "min_rel_std", st.min_rel_std >= 0, "must be >= 0", st.min_rel_std)
+    check(where, "rewind_steps", st.rewind_steps >= 0, "must be >= 0", st.rewind_steps)
+    check(where, "skip_batches", st.skip_batches >= 0, "must be >= 0", st.skip_batches)
+    check(where, "max_rollbacks", st.max_rollbacks >= 0, "must be >= 0", st.max_rollbacks)
+    for key, steps in (("spike_at", fi.spike_at), ("nan_at", fi.nan_at)):
+        check("train.fault_injection", key, all(s > 0 for s in steps), "steps must be > 0", steps)
+    check("train.fault_injection", "spike_scale", fi.spike_scale > 0, "must be > 0", fi.spike_scale)
 
 
 def _validate_curriculum(cfg: RunConfig) -> None:

@@ -158,9 +158,12 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
     from lmforge.models import build_model, count_params
     from lmforge.tokenizer.train import load_tokenizer
     from lmforge.train.checkpoint import find_latest, read_state
-    from lmforge.train.trainer import Trainer
+    from lmforge.train.parallel import setup
+    from lmforge.train.trainer import Trainer, resolve_device
 
     paths = RunPaths(cfg.out)
+    d = setup(cfg.train.parallel.mode, resolve_device(cfg.train.device))
+    _share_batch(cfg, d.data_world)
     train_ds, _ = _datasets(paths)
     tokenizer_vocab = load_tokenizer(paths.tokenizer).get_vocab_size()
     if cfg.model.vocab_size == 0:
@@ -174,17 +177,21 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
         raise ConfigError(
             f"{latest} was trained with another model config; use a new out_dir or train.resume=false"
         )
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model)
+    torch.manual_seed(cfg.seed)  # every rank builds the same full model before it is split
+    model = build_model(cfg.model).to(d.device)
+    n_params = count_params(model)
+    model, pipeline = _parallel_model(cfg, model, d)
     objective = objective_for(cfg)
-    loader = build_loader(cfg, train_ds, objective)
-    save_config(cfg, cfg.out / "config.yaml")
-    trainer = Trainer(cfg, model, loader, objective, paths.checkpoints, paths.metrics, progress=progress)
+    loader = build_loader(cfg, train_ds, objective, rank=d.data_rank, world_size=d.data_world)
+    if d.is_main:
+        save_config(cfg, cfg.out / "config.yaml")
+    trainer = Trainer(cfg, model, loader, objective, paths.checkpoints, paths.metrics, progress=progress, dist=d,
+                      pipeline=pipeline)
     t0 = time.perf_counter()
     result = trainer.fit(stop_after=stop_after)
     seconds = time.perf_counter() - t0
     return {
-        "params": count_params(model),
+        "params": n_params,
         "steps": result.final_step,
         "resumed_from": result.resumed_from,
         "tokens_seen": result.tokens_seen,
@@ -193,6 +200,33 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
         "checkpoint": str(find_latest(paths.checkpoints)),
         "data": {**trainer.loader.stats(), "utilisation": 1 - trainer.pad_tokens / max(trainer.tokens_seen, 1)},
     }
+
+
+def _share_batch(cfg: RunConfig, data_world: int) -> None:
+    """A batch given in tokens is global: data-parallel ranks split its micro-batches."""
+    tc = cfg.train
+    if data_world == 1 or not tc.batch_tokens:
+        return
+    if tc.grad_accum % data_world:
+        raise ConfigError(
+            f"train.batch_tokens: {tc.batch_tokens:,} tokens make {tc.grad_accum} micro-batches of "
+            f"{tc.batch_size} x {tc.seq_len}, which {data_world} data-parallel ranks cannot share evenly"
+        )
+    tc.grad_accum //= data_world
+
+
+def _parallel_model(cfg: RunConfig, model: torch.nn.Module, d: Any) -> tuple[torch.nn.Module, Any]:
+    """The model as train.parallel.mode wraps it, and the pipeline runner for pp (else None)."""
+    from lmforge.train.parallel import parallelize
+
+    if d.mode != "pp" or d.world == 1:
+        return parallelize(model, d, cfg.train.parallel.cpu_offload), None
+    from lmforge.train.pipeline import PipelineRunner
+
+    if cfg.objective.name != "lm" or getattr(cfg.objective, "document_mask", False):
+        raise ConfigError("train.parallel.mode: pp trains the plain `lm` objective (no document_mask)")
+    pipeline = PipelineRunner(model, d, cfg.train.parallel.microbatches)
+    return pipeline.module, pipeline
 
 
 def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, RunConfig, Path]:

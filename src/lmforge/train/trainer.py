@@ -8,23 +8,36 @@ continues the same loss curve as one that was never interrupted.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from lmforge.config import RunConfig, to_dict
 from lmforge.objectives.base import Example, Objective, loss_sums
 from lmforge.tokens.loader import Batch
-from lmforge.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
-from lmforge.train.metrics import MetricsLog
+from lmforge.train.checkpoint import (
+    NonFiniteWeights,
+    list_checkpoints,
+    load_first,
+    load_latest,
+    save_checkpoint,
+    step_dir_name,
+    sweep_stale,
+)
+from lmforge.train.dist_checkpoint import save_distributed
+from lmforge.train.metrics import MetricsLog, TrainMonitor
 from lmforge.train.optim import build_optimizer
+from lmforge.train.parallel import Dist, clip_grad_norm, no_sync
 from lmforge.train.schedules import build_schedule
+from lmforge.train.stability import SpikeDetected, StabilityState, detect, id_ranges, injection, rollback_order
+
+log = logging.getLogger(__name__)
 
 
 class BatchSource(Protocol):
@@ -45,6 +58,10 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class TrainingDiverged(NonFiniteLoss):
+    """A spike that rollbacks could not get past (train.stability.max_rollbacks), or nothing to roll back to."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,9 +80,14 @@ class Trainer:
         ckpt_dir: Path,
         metrics_path: Path,
         progress: bool = True,
+        dist: Dist | None = None,
+        pipeline: Any = None,
     ):
         self.cfg, self.tc = cfg, cfg.train
-        self.device = resolve_device(self.tc.device)
+        # Built outside (train.parallel): the process's place in the job; `pipeline` runs pp stages.
+        self.dist = dist or Dist(device=resolve_device(self.tc.device))
+        self.pipeline = pipeline
+        self.device = self.dist.device
         if getattr(cfg.model, "attention", "sdpa") == "flex" and self.device.type != "cuda":
             # torch's FlexAttention has no CPU backward; the dense path computes the same attention.
             raise RuntimeError("model.attention=flex trains on CUDA only (torch has no FlexAttention "
@@ -74,8 +96,8 @@ class Trainer:
         self.loader = loader
         self.objective = objective
         self.ckpt_dir = Path(ckpt_dir)
-        self.metrics = MetricsLog(metrics_path)
-        self.progress = progress
+        self.metrics = MetricsLog(metrics_path, enabled=self.dist.is_main)  # rank 0 alone writes metrics
+        self.progress = progress and self.dist.is_main
         self.optimizer = build_optimizer(self.model, self.tc.optimizer)
         self.schedule = build_schedule(self.tc.schedule, self.tc.max_steps)
         self.step = 0
@@ -84,31 +106,58 @@ class Trainer:
         # of a batch ramp (fewer rows) advances the schedule by its share of tokens, not by one step.
         self.rows_seen = 0
         self.pad_tokens = 0  # input positions that are padding (segment 0): 1 - pad/seen is the utilisation
+        self.stability = StabilityState(self.tc.stability.window)
+        self.batches_drawn = 0  # loader batches drawn, skipped ones too: what a rollback must skip past
 
     # ------------------------------------------------------------------ state
 
     def maybe_resume(self) -> int:
-        latest = find_latest(self.ckpt_dir) if self.tc.resume else None
-        if latest is None:
+        sweep_stale(self.ckpt_dir)  # what a save killed mid-write left; nothing of this process is in flight yet
+        found = load_latest(self.ckpt_dir, self.model, self.optimizer) if self.tc.resume else None
+        if found is None:
             return 0
-        state = load_checkpoint(latest, self.model, self.optimizer)
-        self.loader.load_state_dict(state["loader"])
-        self.step, self.tokens_seen, self.rows_seen = state["step"], state["tokens_seen"], state["rows_seen"]
-        self.pad_tokens = state.get("pad_tokens", 0)
+        self._restore(found[1])
         self.metrics.truncate_after(self.step)
         return self.step
 
-    def save(self) -> Path:
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.tokens_seen, self.rows_seen = state["step"], state["tokens_seen"], state["rows_seen"]
+        self.pad_tokens = state.get("pad_tokens", 0)
+        self.batches_drawn = state.get("batches_drawn", 0)
+        self.stability.load_state_dict(state.get("stability", {}))
+
+    def save(self) -> Path | None:
+        self.stability.saved(self.step)
         state = {
             "tokens_seen": self.tokens_seen,
             "rows_seen": self.rows_seen,
             "pad_tokens": self.pad_tokens,
+            "batches_drawn": self.batches_drawn,
+            "stability": self.stability.state_dict(),
             "loader": self.loader.state_dict(),
             "config": to_dict(self.cfg),
         }
-        return save_checkpoint(
-            self.ckpt_dir, self.step, self.model, self.optimizer, state, keep=self.tc.keep_checkpoints
-        )
+        # Keep the checkpoints a later spike may roll back to (at least rewind_steps before it).
+        protect = self.step + 1 - self.tc.stability.rewind_steps if self.tc.stability.enabled else None
+        try:
+            if self.distributed_checkpoints:
+                return save_distributed(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.dist,
+                                        keep=self.tc.keep_checkpoints, keep_every=self.tc.keep_every, protect=protect)
+            return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, state,
+                                   keep=self.tc.keep_checkpoints, keep_every=self.tc.keep_every, protect=protect)
+        except NonFiniteWeights as e:
+            if not self.tc.stability.enabled or self.step >= self.tc.max_steps:
+                raise
+            # Finite loss and gradients, yet the update overflowed: the next step's loss is NaN and rolls back.
+            log.warning("%s; the next step will roll back", e)
+            return None
+
+    @property
+    def distributed_checkpoints(self) -> bool:
+        """DCP (any world size and layout reads it) for multi-process jobs or when asked for."""
+        fmt = self.tc.parallel.checkpoint_format
+        return fmt == "dcp" or (fmt == "auto" and self.dist.world > 1)
 
     # ------------------------------------------------------------------ loop
 
@@ -118,27 +167,31 @@ class Trainer:
         result = TrainResult(self.step, self.tokens_seen, resumed_from=resumed)
         if self.step == 0:
             self.metrics.truncate_after(0)
-        bar = tqdm(
-            total=self.tc.max_steps, initial=self.step, desc="train", unit="step",
-            disable=not self.progress, dynamic_ncols=True,
-        )
-        t_last, tokens_last = time.perf_counter(), self.tokens_seen
+        monitor = TrainMonitor(self.model, self.tc, self.device, self.metrics, self.progress, self.step,
+                               self.tokens_seen)
+        # Time spent getting data (loader, objective, copy to the device), measured around the one
+        # method train_step gets it through, so train_step itself stays as it is.
+        self._example = monitor.data.wrap(Trainer._example.__get__(self))  # type: ignore[method-assign]
         self.model.train()
-        while self.step < self.tc.max_steps:
-            record = self.train_step()
-            result.losses[self.step] = record["loss"]
-            if self.step % self.tc.log_every == 0 or self.step == self.tc.max_steps:
-                now = time.perf_counter()
-                record["tokens_per_s"] = (self.tokens_seen - tokens_last) / max(now - t_last, 1e-9)
-                t_last, tokens_last = now, self.tokens_seen
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
-            self.metrics.write(record)
-            bar.update(1)
-            if self.step % self.tc.checkpoint_every == 0 or self.step == self.tc.max_steps:
-                self.save()
-            if stop_after is not None and self.step >= stop_after:
-                break
-        bar.close()
+        finished = False
+        try:
+            while self.step < self.tc.max_steps:
+                monitor.start_step()
+                try:
+                    record = monitor.end_step(self.train_step())
+                except SpikeDetected as spike:
+                    self.rollback(spike)  # to a checkpoint before the spike, past its batches
+                    result.losses = {s: v for s, v in result.losses.items() if s <= self.step}
+                    continue
+                result.losses[self.step] = record["loss"]
+                if self.step % self.tc.checkpoint_every == 0 or self.step == self.tc.max_steps:
+                    self.save()
+                if stop_after is not None and self.step >= stop_after:
+                    break
+            finished = True
+        finally:
+            del self._example
+            monitor.close(finished)
         result.final_step, result.tokens_seen = self.step, self.tokens_seen
         return result
 
@@ -148,36 +201,37 @@ class Trainer:
             group["lr"] = group["base_lr"] * factor
         lr = self.tc.optimizer.lr * factor
         examples = [self._example() for _ in range(self.micro_batches())]
-        # Normalise each loss term by the step's total target count, not per micro-batch: objectives
-        # with variable loss masks (prefix LM, MLM, span corruption) would otherwise weigh tokens
-        # unequally. Terms (MLM and NSP) are added after each is averaged, as BERT does.
-        counts: dict[str, float] = {}
-        for ex in examples:
-            for term, n in ex.target_counts().items():
-                counts[term] = counts.get(term, 0.0) + n
+        scale = self._fault_scale()  # 1.0 but at train.fault_injection's steps (exact: x * 1.0 == x)
+        counts = self._global(self._counts(examples))
+        dp = self.dist.data_world  # DDP/FSDP average gradients over ranks: scale so they sum instead
         totals = dict.fromkeys(counts, 0.0)
-        for ex in examples:
-            with self._autocast():
-                output = self.model(**ex.model_inputs())
-            sums = loss_sums(output, ex)
-            sum(s / max(counts[t], 1.0) for t, s in sums.items()).backward()
-            for t, s in sums.items():
-                totals[t] += s.item()
-            self.tokens_seen += int(ex.input_ids.numel())
+        pad = 0
+        for i, ex in enumerate(examples):
+            with no_sync(self.model, last=i == len(examples) - 1):
+                if self.pipeline is not None:
+                    totals["lm"] += self.pipeline.step(ex.input_ids, ex.labels, ex.loss_mask, counts["lm"]) * scale
+                else:
+                    with self._autocast():
+                        output = self.model(**ex.model_inputs())
+                    sums = loss_sums(output, ex)
+                    (sum(s / max(counts[t], 1.0) for t, s in sums.items()) * scale * dp).backward()
+                    for t, s in sums.items():
+                        totals[t] += s.item() * scale
+            self.tokens_seen += int(ex.input_ids.numel()) * dp
             self.rows_seen += int(ex.input_ids.shape[0])
             if ex.layout.segment_ids is not None:
-                self.pad_tokens += int((ex.layout.segment_ids == 0).sum())
-        terms = {t: totals[t] / max(counts[t], 1.0) for t in totals}
+                pad += int((ex.layout.segment_ids == 0).sum())
+        # Every rank takes the same decisions from the same numbers: summed over the ranks that hold
+        # different rows (dp) or different stages (pp, where only the last one has the loss).
+        reduced = self._global({**totals, "_pad": float(pad)}, every_rank=self.pipeline is not None)
+        self.pad_tokens += int(reduced.pop("_pad"))
+        terms = {t: reduced[t] / max(counts[t], 1.0) for t in totals}
         loss_value = sum(terms.values())
-        if not math.isfinite(loss_value):
-            raise NonFiniteLoss(
-                f"loss is {loss_value} at step {self.step + 1}; last good checkpoint is in {self.ckpt_dir}"
-            )
-        grad_norm = (
-            float(nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip))
-            if self.tc.grad_clip > 0
-            else float("nan")
-        )
+        # The norm before clipping, computed with clipping off too (max_norm=inf scales by exactly 1);
+        # over every rank's shard (FSDP, TP) or stage (pp).
+        grad_norm = clip_grad_norm([p for p in self.model.parameters() if p.grad is not None],
+                                   self.tc.grad_clip or math.inf, self.dist if self.pipeline is not None else None)
+        self._guard(loss_value, grad_norm)  # raises, and nothing steps, on NaN/Inf or a spike
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -188,6 +242,24 @@ class Trainer:
         if skipped:  # pieces too short for the objective: counted, never a crash
             record["skipped"] = skipped
         return record
+
+    @staticmethod
+    def _counts(examples: list[Example]) -> dict[str, float]:
+        """Targets per loss term in the step. Each term is normalised by its step total, not per
+        micro-batch: objectives with variable loss masks (prefix LM, MLM, span corruption) would
+        otherwise weigh tokens unequally; terms (MLM and NSP) are added after each is averaged."""
+        counts: dict[str, float] = {}
+        for ex in examples:
+            for term, n in ex.target_counts().items():
+                counts[term] = counts.get(term, 0.0) + n
+        return counts
+
+    def _global(self, values: dict[str, float], every_rank: bool = False) -> dict[str, float]:
+        """`values` summed over the data-parallel ranks (or over every rank)."""
+        if (self.dist.data_world if not every_rank else self.dist.world) == 1:
+            return values
+        keys = sorted(values)
+        return dict(zip(keys, self.dist.all_reduce([values[k] for k in keys]), strict=True))
 
     def micro_batches(self) -> int:
         """Micro-batches in this step: grad_accum, or fewer while a batch ramp grows the batch
@@ -202,7 +274,63 @@ class Trainer:
         want = ramp.start_tokens + (full * micro_tokens - ramp.start_tokens) * seen / ramp.ramp_tokens
         return max(1, min(full, round(want / micro_tokens)))
 
+    # ------------------------------------------------------------------ stability (P4)
+
+    def _guard(self, loss: float, grad_norm: float) -> None:
+        """Judge the step before its update. `loss` and `grad_norm` must be the same on every rank
+        (the all-reduced loss, the global norm) so that every rank takes the same decision."""
+        st = self.tc.stability
+        reason = detect(self.stability.history if st.enabled else (), loss, grad_norm, st)
+        if reason is None:
+            self.stability.history.append((loss, grad_norm))
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        if not st.enabled:
+            raise NonFiniteLoss(f"{reason} at step {self.step + 1}; last good checkpoint is in {self.ckpt_dir}")
+        raise SpikeDetected(self.step + 1, reason, loss, grad_norm)
+
+    def rollback(self, spike: SpikeDetected) -> None:
+        """Restore the checkpoint `rollback_order` picks, skip the batches around the spike, save at
+        once (so a resume neither replays the skipped batches nor refires an injection), and log it."""
+        st, kept = self.tc.stability, self.stability.state_dict()
+        if kept["pending"] >= st.max_rollbacks:
+            raise TrainingDiverged(f"{spike}: gave up after {st.max_rollbacks} rollbacks without getting past a "
+                                   f"spike (train.stability.max_rollbacks); checkpoints are in {self.ckpt_dir}")
+        order = rollback_order([s for s, _ in list_checkpoints(self.ckpt_dir)], spike.step, st.rewind_steps)
+        if not order:
+            raise TrainingDiverged(f"{spike}, and there is no checkpoint before it to roll back to")
+        drawn = self.batches_drawn
+        path, state = load_first([self.ckpt_dir / step_dir_name(s) for s in order], self.model, self.optimizer)
+        self._restore(state)
+        self.stability.rolled_back(kept, spike.step)
+        skipped = self._skip(max(st.skip_batches * self.micro_batches(), drawn - self.batches_drawn))
+        log.warning("%s: rolled back to %s, skipped %d loader batches", spike, path.name, skipped["loader_batches"])
+        self.save()  # first: from here on a resume starts past the skipped batches
+        self.metrics.truncate_after(self.step)
+        self.metrics.write({"step": self.step, "event": "rollback", "spike_step": spike.step, "reason": spike.reason,
+                            "spike_loss": spike.loss, "spike_grad_norm": spike.grad_norm, "restored": path.name,
+                            "rollbacks": self.stability.rollbacks, **{f"skipped_{k}": v for k, v in skipped.items()}})
+
+    def _skip(self, n: int) -> dict[str, Any]:
+        """Draw `n` loader batches without training on them; their sample and document ids as runs."""
+        samples, docs = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+        for _ in range(n):
+            batch = self.loader.next_batch()
+            samples.append(np.asarray(batch.sample_ids).ravel())
+            docs.append(np.unique(batch.doc_ids))
+        self.batches_drawn += n
+        return {"loader_batches": n, "sample_ids": id_ranges(np.concatenate(samples).tolist()),
+                "doc_ids": id_ranges(np.concatenate(docs).tolist())}
+
+    def _fault_scale(self) -> float:
+        factor, name = injection(self.tc.fault_injection, self.step + 1, self.stability.fired)
+        if name is not None:
+            self.stability.fired.add(name)
+            log.warning("fault injection %s: loss x %s", name, factor)
+        return factor
+
     def _example(self) -> Example:
+        self.batches_drawn += 1
         # The objective keys its randomness by each row's global sample id: nothing to save for an
         # exact resume, and every rank count draws the same noise for the same sample.
         return self.objective(self.loader.next_batch()).to(self.device)

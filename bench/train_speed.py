@@ -1,0 +1,248 @@
+"""CPU training speed: our full `lmforge train` step against a nanoGPT-style GPT loop, in one run.
+
+    .venv/bin/python bench/train_speed.py [--steps 8] [--rounds 3] [--no-compile] [--variants] [--profile]
+
+Ours: Trainer.train_step of the default decoder (RMSNorm, SwiGLU, RoPE, SDPA) at d=384, 5 layers,
+vocab 4096, fp32: loader (PackedLoader over token shards), objective, forward, loss, backward, clip,
+AdamW from train.optimizer, metrics. Peer: nanoGPT's model.py and train.py loop (LayerNorm, GELU,
+learned positions, tied head, torch.optim.AdamW with nanoGPT's decay groups, clip 1.0, random
+offsets into the token array), at the same width and depth: 4d^2 + 8d^2 matmul weights per layer on
+both sides (SwiGLU's d_ff = 8/3 d = 1024), so the same model FLOPs per token; the peer also holds
+256 x 384 learned positions. The peer runs eager and under torch.compile (compile time excluded).
+Rounds interleave the sides so a shared machine's noise hits all; the best round of each is kept.
+--variants also times ours with one change each: AdamW's per-tensor loop (torch's CPU default, and
+ours before it chose fused), AdamW foreach, bf16 autocast, a torch.compile'd model; --profile prints
+torch.profiler's top ops of one of our steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.models import build_model, count_params
+from lmforge.objectives import ObjectiveContext, build_objective
+from lmforge.recipe import load_config
+from lmforge.tokenizer.special_tokens import SpecialTokens
+from lmforge.tokens.loader import PackedLoader
+from lmforge.tokens.shards import ShardWriter, TokenDataset
+from lmforge.train.metrics import flops_per_token, matmul_params
+from lmforge.train.optim import param_groups
+from lmforge.train.trainer import Trainer
+
+VOCAB, D, LAYERS, HEADS, SEQ = 4096, 384, 5, 6, 256
+
+
+# ---------------------------------------------------------------------------- the peer: nanoGPT
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(D, 3 * D, bias=False)
+        self.c_proj = nn.Linear(D, D, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(D, dim=2)
+        q, k, v = (t.view(B, T, HEADS, C // HEADS).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(D, bias=False), nn.LayerNorm(D, bias=False)
+        self.attn = CausalSelfAttention()
+        self.mlp = nn.Sequential(nn.Linear(D, 4 * D, bias=False), nn.GELU(), nn.Linear(4 * D, D, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """nanoGPT's GPT with bias=False and dropout 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(VOCAB, D), nn.Embedding(SEQ, D)
+        self.h = nn.ModuleList(Block() for _ in range(LAYERS))
+        self.ln_f = nn.LayerNorm(D, bias=False)
+        self.lm_head = nn.Linear(D, VOCAB, bias=False)
+        self.wte.weight = self.lm_head.weight
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:  # residual projections scaled by 1/sqrt(2 L), as nanoGPT does
+                residual = name.endswith(("c_proj.weight", "mlp.2.weight"))
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * LAYERS) if residual else 0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def peer_step(model: nn.Module, opt: torch.optim.Optimizer, data: np.ndarray, batch: int, it: int) -> float:
+    """One iteration of nanoGPT's train.py: get_batch, cosine LR, forward, loss, backward, clip, step."""
+    ix = np.random.randint(0, len(data) - SEQ - 1, size=batch)
+    x = torch.from_numpy(np.stack([data[i : i + SEQ] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + SEQ] for i in ix]).astype(np.int64))
+    lr = 6e-4 * 0.5 * (1 + math.cos(math.pi * min(it, 1000) / 1000))
+    for group in opt.param_groups:
+        group["lr"] = lr
+    logits = model(x)
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def make_peer(compiled: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = GPT()
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=6e-4, betas=(0.9, 0.95))  # nanoGPT: fused on CUDA only
+    return (torch.compile(model) if compiled else model), opt
+
+
+# ---------------------------------------------------------------------------- ours
+
+
+def make_dataset(root: Path, n_tokens: int) -> TokenDataset:
+    rng = np.random.default_rng(0)
+    with ShardWriter(root, "train", tokenizer_sha256="bench", vocab_size=VOCAB) as w:
+        written = 0
+        while written < n_tokens:
+            doc = rng.integers(13, VOCAB, size=int(rng.integers(50, 2000)))
+            w.add(doc, "bench", n_bytes=4 * len(doc))
+            written += len(doc) + 1
+    return TokenDataset(root, "train")
+
+
+def make_ours(ds: TokenDataset, root: Path, batch: int, overrides: tuple[str, ...] = ()) -> Trainer:
+    cfg = load_config(None, [f"model.vocab_size={VOCAB}", f"model.d_model={D}", f"model.n_layers={LAYERS}",
+                             f"model.n_heads={HEADS}", f"train.seq_len={SEQ}", f"train.batch_size={batch}",
+                             "train.device=cpu", f"out_dir={root}", "train.optimizer.lr=6e-4", *overrides])
+    torch.manual_seed(0)
+    objective = build_objective(cfg.objective, ObjectiveContext(SpecialTokens(eos=0), VOCAB, cfg.seed))
+    loader = PackedLoader(ds, objective.window(cfg.train.seq_len), cfg.train.batch_size, cfg.seed)
+    return Trainer(cfg, build_model(cfg.model), loader, objective, root / "ckpt", root / "m.jsonl", progress=False)
+
+
+def with_adamw(trainer: Trainer, **flags: bool) -> Trainer:
+    """Ours with torch.optim.AdamW built with `flags` (foreach / fused) instead of the registry's."""
+    opt = trainer.tc.optimizer
+    trainer.optimizer = torch.optim.AdamW(param_groups(trainer.model, opt.weight_decay), lr=opt.lr,
+                                          betas=(opt.beta1, opt.beta2), eps=opt.eps, **flags)
+    for group in trainer.optimizer.param_groups:
+        group["base_lr"] = group["lr"]
+    return trainer
+
+
+def variants(ds: TokenDataset, root: Path, args: argparse.Namespace) -> dict[str, Callable[[], object]]:
+    """Ours with one thing changed each: what would make the step faster."""
+    out: dict[str, Callable[[], object]] = {
+        "ours, AdamW for-loop": with_adamw(make_ours(ds, root / "v1", args.batch), foreach=False).train_step,
+        "ours, AdamW foreach": with_adamw(make_ours(ds, root / "v2", args.batch), foreach=True).train_step,
+        "ours, bf16 autocast": make_ours(ds, root / "v3", args.batch, ("train.precision=bf16",)).train_step,
+    }
+    if not args.no_compile:
+        trainer = make_ours(ds, root / "v4", args.batch)
+        trainer.model = torch.compile(trainer.model)  # type: ignore[assignment]
+        trainer.train_step()  # compiles
+        out["ours, compiled model"] = trainer.train_step
+    return out
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def tok_s(step: Callable[[], object], steps: int, tokens_per_step: int) -> float:
+    step()  # warm-up (and, compiled, the recompile a new shape would cost: none here)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * tokens_per_step / (time.perf_counter() - t0)
+
+
+def profile_ours(trainer: Trainer) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer.train_step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.train_step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--variants", action="store_true", help="also ours with AdamW loop/foreach, bf16, compiled")
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    tokens = args.batch * SEQ
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        ds = make_dataset(root / "tokens", 2_000_000)
+        data = ds.tokens(0, ds.n_tokens)
+        it = iter(range(10**9))
+        ours = make_ours(ds, root / "ours", args.batch)
+        sides: dict[str, Callable[[], object]] = {"ours": ours.train_step}
+        eager, eager_opt = make_peer(False)
+        sides["nanoGPT eager"] = lambda: peer_step(eager, eager_opt, data, args.batch, next(it))
+        compile_s = None
+        if not args.no_compile:
+            compiled, compiled_opt = make_peer(True)
+            t0 = time.perf_counter()
+            try:
+                peer_step(compiled, compiled_opt, data, args.batch, 0)  # compiles forward and backward
+                compile_s = time.perf_counter() - t0
+                sides["nanoGPT compiled"] = lambda: peer_step(compiled, compiled_opt, data, args.batch, next(it))
+            except Exception as e:  # report why and go on with the eager comparison
+                print(f"torch.compile failed on this CPU: {type(e).__name__}: {str(e)[:300]}")
+        if args.variants:
+            sides.update(variants(ds, root, args))
+        best = dict.fromkeys(sides, 0.0)
+        for _ in range(args.rounds):  # interleaved, best-of
+            for name, step in sides.items():
+                best[name] = max(best[name], tok_s(step, args.steps, tokens))
+        if args.profile:
+            profile_ours(ours)
+        report(args, ours, eager, best, compile_s)
+
+
+def report(args: argparse.Namespace, ours: Trainer, peer: nn.Module, best: dict[str, float],
+           compile_s: float | None) -> None:
+    peer_flops = 6 * matmul_params(peer) + 12 * LAYERS * D * SEQ  # no lmforge Attention modules to find
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    print(f"ours: {count_params(ours.model):,} params, {flops_per_token(ours.model, SEQ) / 1e6:.1f} MFLOP/token; "
+          f"nanoGPT: {count_params(peer):,} params, {peer_flops / 1e6:.1f} MFLOP/token (6N + 12LdT)")
+    print(f"d={D} L={LAYERS} heads {HEADS} vocab {VOCAB}, batch {args.batch}x{SEQ}, fp32, {args.steps} timed steps, "
+          f"best of {args.rounds} interleaved rounds" + (f"; compile took {compile_s:.0f} s" if compile_s else ""))
+    for name, value in best.items():
+        print(f"  {name:<22} {value:>9,.0f} tok/s")
+    for peer_name, target in (("nanoGPT eager", 1.2), ("nanoGPT compiled", 1.0)):
+        if best.get(peer_name):
+            ratio = best["ours"] / best[peer_name]
+            print(f"ratio ours / {peer_name}: {ratio:.3f} (target >= {target})")
+
+
+if __name__ == "__main__":
+    main()
