@@ -278,7 +278,11 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # Weights, gradients and optimizer state stay fp32; bf16 / fp16 autocast the compute (fp16 with
+    # dynamic loss scaling).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"  # recompute in backward to save memory
+    compile: bool = False  # torch.compile each block
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     fault_injection: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
 

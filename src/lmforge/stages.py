@@ -219,12 +219,16 @@ def _parallel_model(cfg: RunConfig, model: torch.nn.Module, d: Any) -> tuple[tor
     """The model as train.parallel.mode wraps it, and the pipeline runner for pp (else None)."""
     from lmforge.train.parallel import parallelize
 
+    tc = cfg.train
     if d.mode != "pp" or d.world == 1:
-        return parallelize(model, d, cfg.train.parallel.cpu_offload), None
+        return parallelize(model, d, tc.parallel.cpu_offload, tc.activation_checkpointing, tc.compile), None
     from lmforge.train.pipeline import PipelineRunner
 
     if cfg.objective.name != "lm" or getattr(cfg.objective, "document_mask", False):
         raise ConfigError("train.parallel.mode: pp trains the plain `lm` objective (no document_mask)")
+    if tc.precision == "fp16" or tc.activation_checkpointing != "none" or tc.compile:
+        raise ConfigError("train.parallel.mode: pp runs without fp16 loss scaling, activation checkpointing "
+                          "and compile for now; use bf16 / fp32 and leave those off")
     pipeline = PipelineRunner(model, d, cfg.train.parallel.microbatches)
     return pipeline.module, pipeline
 

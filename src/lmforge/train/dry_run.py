@@ -181,7 +181,7 @@ def memory_estimate(cfg: RunConfig, model: nn.Module, vocab: int) -> dict[str, A
     """Bytes per process (module docstring for every formula)."""
     n = sum(p.numel() for p in model.parameters())
     s, b = cfg.train.seq_len, cfg.train.batch_size
-    p = 2 if cfg.train.precision == "bf16" else 4
+    p = 2 if cfg.train.precision in ("bf16", "fp16") else 4
     r = 4
     layers, h, h_kv, f, exact = _widths(cfg.model)
     c = 5 if p == 2 else 2

@@ -116,8 +116,8 @@ def gpu_peak_flops(name: str, precision: str) -> tuple[float | None, str]:
     """(peak FLOP/s, how it was found) of a CUDA device by name; None for a device not in the table."""
     for pattern, label, bf16, fp32 in PEAK_FLOPS:
         if re.search(pattern, name, re.IGNORECASE):
-            if precision == "bf16":
-                return bf16, f"{label} bf16 peak {bf16 / 1e12:.0f} TFLOP/s"
+            if precision in ("bf16", "fp16"):  # the tensor cores' 16-bit peak is the same for both
+                return bf16, f"{label} {precision} peak {bf16 / 1e12:.0f} TFLOP/s"
             if torch.get_float32_matmul_precision() != "highest":  # fp32 matmuls run on TF32 cores
                 return bf16 / 2, f"{label} TF32 peak {bf16 / 2e12:.0f} TFLOP/s"
             return fp32, f"{label} fp32 peak {fp32 / 1e12:.1f} TFLOP/s"

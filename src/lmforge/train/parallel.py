@@ -85,8 +85,17 @@ def setup(mode: str, device: torch.device) -> Dist:
     return Dist(rank, world, local, mode, device)
 
 
-def parallelize(model: nn.Module, d: Dist, cpu_offload: bool = False) -> nn.Module:
-    """Wrap `model` (already initialised, identical on every rank) for this job's mode."""
+def parallelize(model: nn.Module, d: Dist, cpu_offload: bool = False, activation_checkpointing: str = "none",
+                compile_blocks: bool = False) -> nn.Module:
+    """Wrap `model` (already initialised, identical on every rank) for this job, in torchtitan's
+    order: tensor parallel, activation checkpointing, compile, then the data-parallel wrapper."""
+    from lmforge.train import memory
+
+    if d.world > 1 and d.mode == "tp":
+        model = _tensor_parallel(model, d)
+    model = memory.checkpoint_activations(model, activation_checkpointing)
+    if compile_blocks:
+        model = memory.compile_blocks(model)
     if d.world == 1:
         return model
     if d.mode == "ddp":
@@ -95,9 +104,7 @@ def parallelize(model: nn.Module, d: Dist, cpu_offload: bool = False) -> nn.Modu
         return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     if d.mode == "fsdp":
         return _fsdp(model, d, cpu_offload)
-    if d.mode == "tp":
-        return _tensor_parallel(model, d)
-    return model  # pp: the pipeline stage is cut by PipelineRunner
+    return model  # tp: done above; pp: the stage is cut by PipelineRunner
 
 
 def _fsdp(model: nn.Module, d: Dist, cpu_offload: bool) -> nn.Module:
@@ -106,7 +113,9 @@ def _fsdp(model: nn.Module, d: Dist, cpu_offload: bool) -> nn.Module:
 
     mesh = init_device_mesh(d.device.type, (d.world,))
     policy = {"offload_policy": CPUOffloadPolicy()} if cpu_offload else {}
-    for block in _blocks(model):
+    from lmforge.train.memory import blocks
+
+    for _, _, block in blocks(model):  # each block its own unit: gathered just before it runs
         fully_shard(block, mesh=mesh, **policy)
     fully_shard(model, mesh=mesh, **policy)
     return model
@@ -133,18 +142,6 @@ def _tensor_parallel(model: nn.Module, d: Dist) -> nn.Module:
         block.self_attn.n_heads //= d.world
         block.self_attn.n_kv_heads //= d.world
     return model
-
-
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of any family (FSDP shards each on its own)."""
-    out = []
-    for name in ("layers", "encoder_layers", "decoder_layers"):
-        out += list(getattr(model, name, []) or [])
-    for stack in ("encoder", "decoder"):
-        sub = getattr(model, stack, None)
-        if isinstance(sub, nn.Module):
-            out += list(getattr(sub, "layers", []) or [])
-    return out
 
 
 @contextmanager

@@ -7,7 +7,6 @@ continues the same loss curve as one that was never interrupted.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from lmforge.train.dist_checkpoint import save_distributed
 from lmforge.train.metrics import MetricsLog, TrainMonitor
 from lmforge.train.optim import build_optimizer
 from lmforge.train.parallel import Dist, clip_grad_norm, no_sync
+from lmforge.train.precision import Precision
 from lmforge.train.schedules import build_schedule
 from lmforge.train.stability import SpikeDetected, StabilityState, detect, id_ranges, injection, rollback_order
 
@@ -99,6 +99,7 @@ class Trainer:
         self.metrics = MetricsLog(metrics_path, enabled=self.dist.is_main)  # rank 0 alone writes metrics
         self.progress = progress and self.dist.is_main
         self.optimizer = build_optimizer(self.model, self.tc.optimizer)
+        self.precision = Precision(self.tc.precision, self.device)
         self.schedule = build_schedule(self.tc.schedule, self.tc.max_steps)
         self.step = 0
         self.tokens_seen = 0
@@ -126,6 +127,7 @@ class Trainer:
         self.pad_tokens = state.get("pad_tokens", 0)
         self.batches_drawn = state.get("batches_drawn", 0)
         self.stability.load_state_dict(state.get("stability", {}))
+        self.precision.load_state_dict(state.get("loss_scaler", {}))
 
     def save(self) -> Path | None:
         self.stability.saved(self.step)
@@ -135,6 +137,7 @@ class Trainer:
             "pad_tokens": self.pad_tokens,
             "batches_drawn": self.batches_drawn,
             "stability": self.stability.state_dict(),
+            "loss_scaler": self.precision.state_dict(),
             "loader": self.loader.state_dict(),
             "config": to_dict(self.cfg),
         }
@@ -211,10 +214,10 @@ class Trainer:
                 if self.pipeline is not None:
                     totals["lm"] += self.pipeline.step(ex.input_ids, ex.labels, ex.loss_mask, counts["lm"]) * scale
                 else:
-                    with self._autocast():
+                    with self.precision.autocast():
                         output = self.model(**ex.model_inputs())
                     sums = loss_sums(output, ex)
-                    (sum(s / max(counts[t], 1.0) for t, s in sums.items()) * scale * dp).backward()
+                    self.precision.backward(sum(s / max(counts[t], 1.0) for t, s in sums.items()) * scale * dp)
                     for t, s in sums.items():
                         totals[t] += s.item() * scale
             self.tokens_seen += int(ex.input_ids.numel()) * dp
@@ -229,13 +232,20 @@ class Trainer:
         loss_value = sum(terms.values())
         # The norm before clipping, computed with clipping off too (max_norm=inf scales by exactly 1);
         # over every rank's shard (FSDP, TP) or stage (pp).
+        self.precision.unscale(self.optimizer)
         grad_norm = clip_grad_norm([p for p in self.model.parameters() if p.grad is not None],
                                    self.tc.grad_clip or math.inf, self.dist if self.pipeline is not None else None)
-        self._guard(loss_value, grad_norm)  # raises, and nothing steps, on NaN/Inf or a spike
-        self.optimizer.step()
+        if self.precision.overflowed(grad_norm):  # fp16: the scaler skips this update and halves its scale
+            log.info("step %d: fp16 gradients overflowed at loss scale %s; update skipped", self.step + 1,
+                     self.precision.loss_scale)
+        else:
+            self._guard(loss_value, grad_norm)  # raises, and nothing steps, on NaN/Inf or a spike
+        self.precision.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen}
+        if self.precision.loss_scale is not None:
+            record["loss_scale"] = self.precision.loss_scale
         if len(terms) > 1:
             record.update({f"loss_{t}": v for t, v in terms.items()})
         skipped = getattr(self.objective, "skipped", 0)
@@ -334,8 +344,3 @@ class Trainer:
         # The objective keys its randomness by each row's global sample id: nothing to save for an
         # exact resume, and every rank count draws the same noise for the same sample.
         return self.objective(self.loader.next_batch()).to(self.device)
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.tc.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
