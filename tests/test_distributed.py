@@ -73,11 +73,12 @@ def close(a: dict[int, float], b: dict[int, float], rel: float) -> None:
 
 
 @pytest.mark.parametrize(("mode", "per_rank_batch", "rel"), [("ddp", 4, 1e-5), ("fsdp", 4, 1e-5), ("tp", 8, 1e-4),
-                                                            ("pp", 8, 1e-5)])
+                                                            ("pp", 8, 1e-5), ("fsdp+offload", 4, 1e-5)])
 def test_two_ranks_give_the_losses_of_one(prepared, tmp_path, mode, per_rank_batch, rel):
     one = train(clone(prepared, tmp_path / "one"), 1, "train.batch_size=8")
-    two = train(clone(prepared, tmp_path / mode), 2, f"train.batch_size={per_rank_batch}",
-                f"train.parallel.mode={mode}")
+    options = ["train.parallel.mode=fsdp", "train.parallel.cpu_offload=true"] if mode == "fsdp+offload" else [
+        f"train.parallel.mode={mode}"]
+    two = train(clone(prepared, tmp_path / mode), 2, f"train.batch_size={per_rank_batch}", *options)
     close(two, one, rel)
     assert len(one) == 6
 

@@ -112,7 +112,8 @@ def _fsdp(model: nn.Module, d: Dist, cpu_offload: bool) -> nn.Module:
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     mesh = init_device_mesh(d.device.type, (d.world,))
-    policy = {"offload_policy": CPUOffloadPolicy()} if cpu_offload else {}
+    # Pinned host memory speeds copies to a GPU; a CPU-only job has nothing to pin for.
+    policy = {"offload_policy": CPUOffloadPolicy(pin_memory=d.device.type == "cuda")} if cpu_offload else {}
     from lmforge.train.memory import blocks
 
     for _, _, block in blocks(model):  # each block its own unit: gathered just before it runs
