@@ -115,6 +115,8 @@ class TokensConfig:
     packing: Literal["greedy", "best_fit"] = "greedy"  # best_fit: every row starts at a document start
     long_docs: Literal["crop", "split"] = "crop"  # best_fit: a document longer than a row
     block_docs: int = 1024  # best_fit packs this many shuffled documents at a time
+    # Padded (encoder, encoder-decoder) examples: a step's rows regrouped by length, padding columns cut
+    length_buckets: bool = False
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     curriculum: list[CurriculumStage] = field(default_factory=list)  # empty: one stage, `mixture`
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from lmforge.config import RunConfig, to_dict
 from lmforge.objectives.base import Example, Objective, loss_sums
+from lmforge.objectives.bucketing import bucket_by_length
 from lmforge.tokens.loader import Batch
 from lmforge.train.checkpoint import (
     NonFiniteWeights,
@@ -204,6 +205,8 @@ class Trainer:
             group["lr"] = group["base_lr"] * factor
         lr = self.tc.optimizer.lr * factor
         examples = [self._example() for _ in range(self.micro_batches())]
+        if self.cfg.tokens.length_buckets:
+            examples = bucket_by_length(examples)
         scale = self._fault_scale()  # 1.0 but at train.fault_injection's steps (exact: x * 1.0 == x)
         counts = self._global(self._counts(examples))
         dp = self.dist.data_world  # DDP/FSDP average gradients over ranks: scale so they sum instead
