@@ -6,10 +6,11 @@ Text: the built-in corpus (standard-library prose and code, all of it), document
 ids to --mb megabytes, shuffled and written as the data stage writes them (zstd JSONL document
 shards under data/train and data/val, 2% to val). A BPE of --vocab tokens is trained on the whole corpus, once.
 "ours" is `stage_tokenize` on that out_dir: read the document shards, encode with the stage's own
-encode function, write token shards, counts and manifests of both splits. The peer is the HF
-tokenizer it loads, `encode_batch` (add_special_tokens=False, special tokens read as text, as the
-stage does) on the same texts, held in memory, in the stage's batches of 1024 documents. Both run in
-this process with RAYON_NUM_THREADS=--threads. Rounds are interleaved so a shared machine's noise
+encode function, write token shards, counts and manifests of both splits. The peer is the bare
+encoder the stage uses (`FastEncoder`: tiktoken when it reproduces the tokenizer, else HF
+`encode_batch`; special tokens read as text, as the stage does) on the same texts, held in memory,
+in the stage's batches of 1024 documents. Both run in this process with --threads encoder threads.
+Rounds are interleaved so a shared machine's noise
 hits both; the best round of each is kept. --profile adds a cProfile of one stage run.
 """
 
@@ -66,6 +67,7 @@ def main() -> None:
     from lmforge.data.io import ShardWriter
     from lmforge.recipe import load_config
     from lmforge.stages import RunPaths, stage_tokenize
+    from lmforge.tokenizer.fast_encode import FastEncoder
     from lmforge.tokenizer.train import load_tokenizer, train_tokenizer
 
     docs, unique = corpus(args.mb)
@@ -82,22 +84,21 @@ def main() -> None:
         train_tokenizer(unique, TokenizerConfig(vocab_size=args.vocab), paths.tokenizer,
                         progress=False)
 
-        tok = load_tokenizer(paths.tokenizer)
-        tok.encode_special_tokens = True  # as the stage sets it
+        encoder = FastEncoder(load_tokenizer(paths.tokenizer), specials_as_text=True)  # as the stage builds it
         texts = [d.text for split in ("train", "val") for d in split_docs[split]]
 
         def bare() -> int:
             n = 0
             for i in range(0, len(texts), BATCH_DOCS):
-                n += sum(len(e) for e in tok.encode_batch(texts[i : i + BATCH_DOCS], add_special_tokens=False))
+                n += sum(len(e) for e in encoder.encode_arrays(texts[i : i + BATCH_DOCS]))
             return n
 
         def ours() -> int:
             shutil.rmtree(paths.tokens, ignore_errors=True)
             out = stage_tokenize(cfg, progress=False)
-            return sum(m["n_tokens"] - m["n_docs"] for m in out.values())  # without the EOS separators
+            return sum(out[s]["n_tokens"] - out[s]["n_docs"] for s in ("train", "val"))  # without the EOS separators
 
-        sides = {"lmforge tokenize (stage)": ours, "bare encode_batch": bare}
+        sides = {"lmforge tokenize (stage)": ours, "bare encoder": bare}
         best = dict.fromkeys(sides, 0.0)
         tokens = {}
         for _ in range(args.rounds):
@@ -119,11 +120,12 @@ def main() -> None:
           "(shared: other jobs may have been running)")
     print(f"text: {n_bytes / 1e6:.1f} MB, {len(docs):,} documents (of the built-in corpus' {len(unique):,}, "
           "repeated as needed), "
-          f"{tokens['bare encode_batch']:,} tokens with a {args.vocab} BPE; {args.threads} encoder threads, "
+          f"{tokens['bare encoder']:,} tokens with a {args.vocab} BPE; encoder {encoder.backend}, "
+          f"{args.threads} threads, "
           f"best of {args.rounds} interleaved rounds")
     for name, mb_s in best.items():
         print(f"{name:26s} {mb_s:7.2f} MB/s")
-    print(f"ratio stage/bare:          {best['lmforge tokenize (stage)'] / best['bare encode_batch']:.3f} "
+    print(f"ratio stage/bare:          {best['lmforge tokenize (stage)'] / best['bare encoder']:.3f} "
           "(target >= 0.9)")
     if report:
         print(f"\n--- cProfile of one stage run, top by own time ---\n{report}")

@@ -142,6 +142,7 @@ class ShardWriter:
         self.dtype = choose_dtype(vocab_size, dtype)
         self.max_shard_tokens = max_shard_tokens
         self.eos_id = eos_id  # the tokenizer's end-of-document role, appended after every document
+        self._eos = np.array([eos_id], dtype=np.int64)
         self.summary: dict[str, Any] | None = None
         self._n_shards = 0
         self._listing: list[dict[str, Any]] = []  # one entry per finished shard, for the set manifest
@@ -210,9 +211,7 @@ class ShardWriter:
 
     def add(self, ids: np.ndarray | list[int], source: str, n_bytes: int) -> None:
         """One document's token ids (without EOS; it is appended here) and its UTF-8 length."""
-        ids = np.asarray(ids)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"token id out of range [0, {self.vocab_size}) in a document of {source!r}")
+        ids = np.asarray(ids)  # range-checked at the flush, once per buffer, before the cast to dtype
         n = ids.size + 1
         if self._out is not None and self._shard_tokens + n > self.max_shard_tokens:
             self._finish_shard()
@@ -221,8 +220,8 @@ class ShardWriter:
         source_id = self._sources.setdefault(source, len(self._sources))
         if source_id >= 2**16:
             raise ValueError("more than 65536 sources in one shard")
-        self._buffer.append(ids.astype(self.dtype, copy=False))
-        self._buffer.append(np.array([self.eos_id], dtype=self.dtype))
+        self._buffer.append(ids)
+        self._buffer.append(self._eos)
         self._buffered += n
         self._shard_tokens += n
         self._starts.append(self._shard_tokens)
@@ -251,9 +250,12 @@ class ShardWriter:
     def _flush(self) -> None:
         assert self._out is not None
         if self._buffer:
-            tokens = np.concatenate(self._buffer)
+            tokens = np.concatenate(self._buffer, dtype=np.int64, casting="unsafe")  # ids are < 2^32
+            if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+                bad = int(tokens.max()) if int(tokens.max()) >= self.vocab_size else int(tokens.min())
+                raise ValueError(f"token id {bad} out of range [0, {self.vocab_size}) in {self.out_dir / self._stem}")
             self.counts += np.bincount(tokens, minlength=self.vocab_size)[: self.vocab_size]
-            data = tokens.tobytes()
+            data = tokens.astype(self.dtype, copy=False).tobytes()
             self._out.file.write(data)
             self._hash.update(data)
         self._buffer = []

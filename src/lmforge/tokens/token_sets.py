@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +85,9 @@ def tokenize_split(
     try:
         with tqdm(desc=f"tokenize {split}", unit="doc", disable=not progress) as bar:
             for k in range(done, len(inputs)):
-                for batch in _batches(read(inputs[k]), _ENCODE_BATCH_DOCS):
-                    for doc, ids in zip(batch, encode([d.text for d in batch]), strict=True):
-                        writer(doc.source).add(ids, doc.source, doc.n_bytes)
+                for batch, ids in _encoded(_batches(read(inputs[k]), _ENCODE_BATCH_DOCS), encode):
+                    for doc, doc_ids in zip(batch, ids, strict=True):
+                        writer(doc.source).add(doc_ids, doc.source, doc.n_bytes)
                     bar.update(len(batch))
                 _checkpoint(out_dir, identity, keys, k + 1, writers)
     except BaseException:
@@ -99,6 +100,20 @@ def tokenize_split(
     atomic_write_json(split_manifest_path(tokens_dir, split), manifest)
     (out_dir / "progress.json").unlink(missing_ok=True)
     return manifest
+
+
+def _encoded(batches: Iterable[list[Document]], encode: Encode) -> Iterator[tuple[list[Document], Sequence]]:
+    """(batch, its ids) in order, the next batch encoding on a worker (whose encoder releases the
+    GIL) while this thread reads input and writes the previous one: the serial work hides behind it."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: tuple[list[Document], Future] | None = None
+        for batch in batches:
+            future = pool.submit(encode, [d.text for d in batch])
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (batch, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 def _check_source_name(source: str) -> None:
