@@ -210,8 +210,9 @@ class Trainer:
         scale = self._fault_scale()  # 1.0 but at train.fault_injection's steps (exact: x * 1.0 == x)
         counts = self._global(self._counts(examples))
         dp = self.dist.data_world  # DDP/FSDP average gradients over ranks: scale so they sum instead
-        totals = dict.fromkeys(counts, 0.0)
-        pad = 0
+        # Kept on the device and read once per step: an .item() per micro-batch would sync each time.
+        totals = {t: torch.zeros((), dtype=torch.float32, device=self.device) for t in counts}
+        totals["_pad"] = torch.zeros((), dtype=torch.float32, device=self.device)
         for i, ex in enumerate(examples):
             with no_sync(self.model, last=i == len(examples) - 1):
                 if self.pipeline is not None:
@@ -222,16 +223,18 @@ class Trainer:
                     sums = loss_sums(output, ex)
                     self.precision.backward(sum(s / max(counts[t], 1.0) for t, s in sums.items()) * scale * dp)
                     for t, s in sums.items():
-                        totals[t] += s.item() * scale
+                        totals[t] = totals[t] + s.detach() * scale
             self.tokens_seen += int(ex.input_ids.numel()) * dp
             self.rows_seen += int(ex.input_ids.shape[0])
             if ex.layout.segment_ids is not None:
-                pad += int((ex.layout.segment_ids == 0).sum())
+                totals["_pad"] = totals["_pad"] + (ex.layout.segment_ids == 0).sum()
         # Every rank takes the same decisions from the same numbers: summed over the ranks that hold
         # different rows (dp) or different stages (pp, where only the last one has the loss).
-        reduced = self._global({**totals, "_pad": float(pad)}, every_rank=self.pipeline is not None)
+        keys = sorted(totals)
+        local = dict(zip(keys, torch.stack([totals[t] for t in keys]).tolist(), strict=True))
+        reduced = self._global(local, every_rank=self.pipeline is not None)
         self.pad_tokens += int(reduced.pop("_pad"))
-        terms = {t: reduced[t] / max(counts[t], 1.0) for t in totals}
+        terms = {t: reduced[t] / max(counts[t], 1.0) for t in counts}
         loss_value = sum(terms.values())
         # The norm before clipping, computed with clipping off too (max_norm=inf scales by exactly 1);
         # over every rank's shard (FSDP, TP) or stage (pp).
