@@ -12,8 +12,9 @@ both sides (SwiGLU's d_ff = 8/3 d = 1024), so the same model FLOPs per token; th
 The sides take one step in turn, so a shared machine's load hits all alike; medians and bests of
 the per-step times are printed, and the ratios of both.
 --variants also times ours with one change each: AdamW's per-tensor loop (torch's CPU default, and
-ours before it chose fused), AdamW foreach, bf16 autocast, a torch.compile'd model; --profile prints
-torch.profiler's top ops of one of our steps.
+ours before it chose fused), AdamW foreach, bf16 autocast, a torch.compile'd model; and the peer
+under bf16 autocast. Always printed: AdamW's step alone (loop, foreach, fused) on our parameters.
+--profile prints torch.profiler's top ops of one of our steps.
 """
 
 from __future__ import annotations
@@ -95,16 +96,19 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def peer_step(model: nn.Module, opt: torch.optim.Optimizer, data: np.ndarray, batch: int, it: int) -> float:
-    """One iteration of nanoGPT's train.py: get_batch, cosine LR, forward, loss, backward, clip, step."""
+def peer_step(model: nn.Module, opt: torch.optim.Optimizer, data: np.ndarray, batch: int, it: int,
+              bf16: bool = False) -> float:
+    """One iteration of nanoGPT's train.py: get_batch, cosine LR, forward, loss, backward, clip, step
+    (with bf16=True, forward and loss under bf16 autocast, as nanoGPT's `dtype='bfloat16'`)."""
     ix = np.random.randint(0, len(data) - SEQ - 1, size=batch)
     x = torch.from_numpy(np.stack([data[i : i + SEQ] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + SEQ] for i in ix]).astype(np.int64))
     lr = 6e-4 * 0.5 * (1 + math.cos(math.pi * min(it, 1000) / 1000))
     for group in opt.param_groups:
         group["lr"] = lr
-    logits = model(x)
-    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -160,6 +164,9 @@ def variants(ds: TokenDataset, root: Path, args: argparse.Namespace) -> dict[str
         "ours, AdamW foreach": with_adamw(make_ours(ds, root / "v2", args.batch), foreach=True).train_step,
         "ours, bf16 autocast": make_ours(ds, root / "v3", args.batch, ("train.precision=bf16",)).train_step,
     }
+    peer, opt = make_peer(False)
+    data, it = ds.tokens(0, ds.n_tokens), iter(range(10**9))
+    out["nanoGPT eager, bf16"] = lambda: peer_step(peer, opt, data, args.batch, next(it), bf16=True)
     if not args.no_compile:
         trainer = make_ours(ds, root / "v4", args.batch)
         trainer.model = torch.compile(trainer.model)  # type: ignore[assignment]

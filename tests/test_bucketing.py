@@ -72,7 +72,7 @@ def test_the_step_loss_and_gradients_are_unchanged() -> None:
         for ex in batches:
             loss = loss_sums(model(**ex.model_inputs()), ex)["lm"] / count
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         return total, [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     loss, grads = step(examples)

@@ -41,7 +41,8 @@ def test_reference_recipe_dry_runs_on_cpu(recipe: str, params: float, probe: str
     text = dry_run_cli(capsys, "train", "--config", str(RECIPES / f"{recipe}.yaml"), f"out_dir={out}",
                        "--probe-steps", probe, "train.device=cpu")
     assert abs(params_printed(text) / params - 1) < 0.03, text
-    for line in ("weights", "gradients", "optimizer state", "activations", "checkpointed", "logits", "total"):
+    for line in ("weights", "gradients", "optimizer state", "activations", "selective AC", "full AC", "logits",
+                 "total"):
         assert re.search(rf"^\s+{line}\s+[\d.,]+ GiB", text, re.M), (line, text)
     assert re.search(r"^time\s+.*per full step", text, re.M) if probe != "0" else "not estimated" in text
     assert (out / "dry_run" / "schedule.png").read_bytes()[:8] == PNG
@@ -134,3 +135,15 @@ def test_optimizer_state_estimate_matches_torch(tmp_path: Path, name: str):
     real = sum(v.numel() * v.element_size() for part in parts for state in part.state.values()
                for key, v in state.items() if torch.is_tensor(v) and key != "step")
     assert optimizer_state_bytes(model, cfg.train.optimizer)[0] == real
+
+
+def test_dry_run_follows_activation_checkpointing(capsys, tmp_path: Path):
+    """The configured mode picks the total, and the probe trains the model wrapped as training wraps it."""
+    import json
+
+    text = dry_run_cli(capsys, "train", f"out_dir={tmp_path}", "--probe-steps", "1", "train.device=cpu",
+                       "train.activation_checkpointing=selective", "model.d_model=64", "model.n_layers=6")
+    assert "with train.activation_checkpointing=selective" in text and "per full step" in text
+    memory = json.loads((tmp_path / "dry_run" / "report.json").read_text())["memory"]
+    assert memory["total"] == memory["totals"]["selective"]
+    assert memory["activations"]["full"] < memory["activations"]["selective"] < memory["activations"]["none"]

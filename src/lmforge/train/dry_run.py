@@ -22,8 +22,10 @@ bf16 autocast, 4 for fp32) and r = 4 (the residual stream stays fp32 under autoc
   (eq. 1, s·b·h·(34 + 5a·s/h) bytes for GPT at 16 bits) redone for this block (no dropout masks, no
   score term, a gated MLP, an fp32 residual stream), checked against the tensors autograd saves
   (tests/test_dry_run.py);
-- with activation checkpointing (full recomputation per layer): L·s·b·r·h for the layer inputs
-  plus one layer's activations, rebuilt during its backward (Korthikanti's 2sbhL, at fp32);
+- with activation checkpointing (train.activation_checkpointing, lmforge.train.memory): `full`
+  keeps L·s·b·r·h, the layer inputs (Korthikanti's 2sbhL, at fp32); `selective` keeps the inputs and
+  the matmul and attention outputs, L·s·b·(r·h + p·(4h + 2h_kv + 2f)) (q, k, v, attention, o, gate,
+  up, down); both plus one layer's activations, rebuilt during its backward;
 - logits: s·b·V·(p + 4 + 8): the logits, their fp32 log-softmax, and two fp32 gradients of that
   size at the start of backward (often the largest single term at large vocabularies).
 Other families are estimated with the decoder's formula and their own widths (labelled approximate).
@@ -190,17 +192,22 @@ def memory_estimate(cfg: RunConfig, model: nn.Module, vocab: int) -> dict[str, A
     opt_bytes, opt_formula = optimizer_state_bytes(model, cfg.train.optimizer)
     copies = 2 * n if p == 2 else 0
     states = 4 * n + 4 * n + copies + opt_bytes
-    activations = layers * per_layer
-    checkpointed = layers * s * b * r * h + per_layer
+    activations = {  # by train.activation_checkpointing; the recomputed layer's activations come back in backward
+        "none": layers * per_layer,
+        "selective": layers * s * b * (r * h + p * (4 * h + 2 * h_kv + 2 * f)) + per_layer,
+        "full": layers * s * b * r * h + per_layer,
+    }
+    mode = cfg.train.activation_checkpointing
     return {
         "weights": 4 * n, "gradients": 4 * n, "autocast_copies": copies,
-        "optimizer_state": opt_bytes, "optimizer_formula": opt_formula,
-        "activations": activations, "activations_checkpointed": checkpointed, "logits": logits,
-        "per_layer": per_layer, "total": states + activations + logits,
-        "total_checkpointed": states + checkpointed + logits, "exact_family": exact,
+        "optimizer_state": opt_bytes, "optimizer_formula": opt_formula, "activations": activations,
+        "logits": logits, "per_layer": per_layer, "mode": mode, "total": states + activations[mode] + logits,
+        "totals": {m: states + a + logits for m, a in activations.items()}, "exact_family": exact,
         "formula": (f"L x s·b·(4r·h + p·(c·h + 2h + 2h_kv + 4f)) = {layers} x {s}·{b}·(4·{r}·{h} + {p}·({c}·{h} + "
                     f"2·{h} + 2·{h_kv} + 4·{f}))"),
-        "formula_checkpointed": f"L·s·b·r·h + one layer = {layers}·{s}·{b}·{r}·{h} + {per_layer:,}",
+        "formula_selective": (f"L·s·b·(r·h + p·(4h + 2h_kv + 2f)) + one layer = {layers}·{s}·{b}·({r}·{h} + "
+                              f"{p}·(4·{h} + 2·{h_kv} + 2·{f})) + {per_layer:,}"),
+        "formula_full": f"L·s·b·r·h + one layer = {layers}·{s}·{b}·{r}·{h} + {per_layer:,}",
         "formula_logits": f"s·b·V·(p + 4 + 8) = {s}·{b}·{vocab}·({p} + 12)",
     }
 
@@ -276,12 +283,18 @@ def run_probe(cfg: RunConfig, vocab: int, steps: int, full: bool, device: torch.
     """Seconds per micro-batch step and model FLOP/s of Trainer.train_step on random tokens."""
     from lmforge.models import build_model, count_params
     from lmforge.objectives import ObjectiveContext, build_objective
+    from lmforge.train import memory
     from lmforge.train.trainer import Trainer
 
     pcfg = probe_config(cfg, full, device)
     pcfg.model.vocab_size = vocab
     torch.manual_seed(cfg.seed)
     model = build_model(pcfg.model, device=device)
+    # As stage_train prepares it (lmforge.train.parallel: checkpointing, then compile), so the probe's
+    # time has the recomputation and the fusion in it.
+    model = memory.checkpoint_activations(model, pcfg.train.activation_checkpointing)
+    if pcfg.train.compile:
+        memory.compile_blocks(model)
     objective = build_objective(pcfg.objective, ObjectiveContext(default_special_tokens(vocab), vocab, cfg.seed))
     loader = RandomTokens(objective.window(pcfg.train.seq_len), pcfg.train.batch_size, vocab, cfg.seed)
     if device.type == "cuda":
@@ -435,11 +448,13 @@ def format_report(cfg: RunConfig, r: dict[str, Any]) -> str:
         *([f"  autocast copies  {_gib(mem['autocast_copies']):>13}   2 B x N (bf16 weights cached for the step)"]
           if mem["autocast_copies"] else []),
         f"  optimizer state  {_gib(mem['optimizer_state']):>13}   {mem['optimizer_formula']}",
-        f"  activations      {_gib(mem['activations']):>13}   {mem['formula']}",
-        f"    checkpointed   {_gib(mem['activations_checkpointed']):>13}   {mem['formula_checkpointed']}",
+        f"  activations      {_gib(mem['activations']['none']):>13}   {mem['formula']}",
+        f"    selective AC   {_gib(mem['activations']['selective']):>13}   {mem['formula_selective']}",
+        f"    full AC        {_gib(mem['activations']['full']):>13}   {mem['formula_full']}",
         f"  logits           {_gib(mem['logits']):>13}   {mem['formula_logits']}",
-        f"  total            {_gib(mem['total']):>13}   ({_gib(mem['total_checkpointed'])} with activation "
-        "checkpointing)",
+        f"  total            {_gib(mem['total']):>13}   with train.activation_checkpointing={mem['mode']} "
+        f"(none {_gib(mem['totals']['none'])}, selective {_gib(mem['totals']['selective'])}, "
+        f"full {_gib(mem['totals']['full'])})",
     ]
     lines += _time_lines(t)
     return "\n".join(lines)
