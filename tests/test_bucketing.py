@@ -102,3 +102,20 @@ def test_encoder_decoder_examples_keep_their_decoder_side() -> None:
     assert got == rows  # span corruption fills its rows: nothing to cut, every row intact
     for b in buckets:
         assert b.labels.shape == b.decoder_input_ids.shape == b.loss_mask.shape
+
+
+def test_row_losses_add_up_to_the_loss_for_sparse_mlm_logits() -> None:
+    from lmforge.objectives.base import row_losses
+
+    cfg = load_config(None, ["model.arch=encoder", f"model.vocab_size={SYN_VOCAB}", "model.d_model=32",
+                             "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=32", "model.nsp_head=false",
+                             "objective.name=mlm", "objective.nsp=false", "train.seq_len=24"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    ex = padded_examples(1, 6, seed=2)[0]
+    output = model(**ex.model_inputs())
+    assert output.dim() == 2  # logits at the masked positions only
+    sums, counts = row_losses(output, ex)
+    assert sums.shape == counts.shape == (6,)
+    assert float(sums.sum()) == pytest.approx(float(loss_sums(output, ex)["lm"]), rel=1e-5)
+    assert counts.tolist() == ex.loss_mask.sum(-1).tolist()

@@ -219,3 +219,26 @@ def test_batch_in_tokens_sets_accumulation_and_the_ramp_grows_it_in_tokens(tmp_p
     assert trainer.tokens_seen == sum(sizes) * 4 * 16
     # The schedule runs on rows: a ramped run reaches a given LR later in steps, at the same tokens.
     assert trainer.rows_seen == sum(sizes) * 4
+
+
+def test_loss_per_source_is_logged_and_averages_to_the_loss(tmp_path: Path):
+    from lmforge.tokens.loader import PackedLoader
+    from lmforge.tokens.shards import ShardWriter, TokenDataset
+
+    rng = np.random.default_rng(0)
+    sets = {}
+    for name, period in (("easy", 5), ("hard", 61)):  # a short cycle is learnt faster than a long one
+        with ShardWriter(tmp_path / name, name, "0" * 64, VOCAB) as w:
+            motif = rng.integers(1, VOCAB, period)
+            for _ in range(40):
+                w.add(np.tile(motif, 200 // period), source=name, n_bytes=200)
+        sets[name] = TokenDataset(tmp_path / name, name)
+    cfg = tiny_cfg(tmp_path, "train.max_steps=30", "train.checkpoint_every=100")
+    trainer = make_trainer(cfg, tmp_path / "run", init_seed=0)
+    trainer.loader = PackedLoader(sets, 17, 4, seed=0, weights={"easy": 0.5, "hard": 0.5})
+    records = [trainer.train_step() for _ in range(30)]
+    last = records[-1]
+    assert set(last) >= {"loss/easy", "loss/hard"}
+    # Equal weights and full rows: each source has half the targets, so the loss is their mean.
+    assert last["loss"] == pytest.approx((last["loss/easy"] + last["loss/hard"]) / 2, rel=1e-4)
+    assert last["loss/easy"] < last["loss/hard"]

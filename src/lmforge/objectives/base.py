@@ -92,8 +92,9 @@ class Example:
     # [B, T] bool: the only positions whose logits the loss needs (MLM's ~15%). A family that reads it
     # returns logits [N, V] for those N positions alone, skipping the vocabulary projection elsewhere.
     predict_positions: torch.Tensor | None = None
+    source_ids: torch.Tensor | None = None  # [B] each row's source (the loader's), for loss per source
 
-    TARGET_FIELDS = ("labels", "loss_mask", "nsp_labels")
+    TARGET_FIELDS = ("labels", "loss_mask", "nsp_labels", "source_ids")  # what the model does not read
 
     def model_inputs(self) -> dict[str, Any]:
         """Keyword arguments for the model: every set field but the targets. Callers never branch on
@@ -144,9 +145,29 @@ def loss_sums(output: Any, ex: Example) -> dict[str, torch.Tensor]:
 def masked_nll(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Summed loss (nats, fp32) over positions where loss_mask is 1. Labels under a 0 mask may be
     any id (they are clamped into range, so -100 style fillers are harmless)."""
+    return token_nll(logits, labels, loss_mask).sum()
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Loss of each target position (0 where loss_mask is 0), shaped like `labels`."""
     labels = labels.clamp(0, logits.shape[-1] - 1)
     losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-    return (losses * loss_mask.flatten().float()).sum()
+    return (losses * loss_mask.flatten().float()).view(labels.shape)
+
+
+def row_losses(output: Any, ex: Example) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed nats, target count) of each row [B], detached: the per-source breakdown of the
+    token loss. Sparse MLM logits are mapped back to their rows."""
+    logits, labels, loss_mask = scored(output, ex)
+    with torch.no_grad():
+        nll = token_nll(logits.detach(), labels, loss_mask)
+        if ex.predict_positions is not None and model_logits(output).dim() == 2:
+            rows = ex.predict_positions.nonzero()[:, 0]
+            B = ex.input_ids.shape[0]
+            sums = torch.zeros(B, device=nll.device).index_add_(0, rows, nll[0])
+            counts = torch.zeros(B, device=nll.device).index_add_(0, rows, loss_mask[0].float())
+            return sums, counts
+        return nll.sum(-1), loss_mask.float().sum(-1)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lmforge.config import RunConfig, to_dict
-from lmforge.objectives.base import Example, Objective, loss_sums
+from lmforge.objectives.base import Example, Objective, loss_sums, row_losses
 from lmforge.objectives.bucketing import bucket_by_length
 from lmforge.tokens.loader import Batch
 from lmforge.train.checkpoint import (
@@ -213,6 +213,8 @@ class Trainer:
         # Kept on the device and read once per step: an .item() per micro-batch would sync each time.
         totals = {t: torch.zeros((), dtype=torch.float32, device=self.device) for t in counts}
         totals["_pad"] = torch.zeros((), dtype=torch.float32, device=self.device)
+        sources = list(getattr(self.loader, "names", []))  # per-source loss when the mixture has several
+        by_source = torch.zeros(2, len(sources), device=self.device)  # summed nats, targets
         for i, ex in enumerate(examples):
             with no_sync(self.model, last=i == len(examples) - 1):
                 if self.pipeline is not None:
@@ -224,16 +226,21 @@ class Trainer:
                     self.precision.backward(sum(s / max(counts[t], 1.0) for t, s in sums.items()) * scale * dp)
                     for t, s in sums.items():
                         totals[t] = totals[t] + s.detach() * scale
+                    if len(sources) > 1 and ex.source_ids is not None:
+                        by_source.index_add_(1, ex.source_ids, torch.stack(row_losses(output, ex)))
             self.tokens_seen += int(ex.input_ids.numel()) * dp
             self.rows_seen += int(ex.input_ids.shape[0])
             if ex.layout.segment_ids is not None:
                 totals["_pad"] = totals["_pad"] + (ex.layout.segment_ids == 0).sum()
         # Every rank takes the same decisions from the same numbers: summed over the ranks that hold
         # different rows (dp) or different stages (pp, where only the last one has the loss).
-        keys = sorted(totals)
-        local = dict(zip(keys, torch.stack([totals[t] for t in keys]).tolist(), strict=True))
+        keys = sorted(totals) + [f"_src{j}" for j in range(len(sources))] + [f"_cnt{j}" for j in range(len(sources))]
+        values = torch.cat([torch.stack([totals[t] for t in sorted(totals)]), by_source.flatten()])
+        local = dict(zip(keys, values.tolist(), strict=True))  # the step's one read from the device
         reduced = self._global(local, every_rank=self.pipeline is not None)
         self.pad_tokens += int(reduced.pop("_pad"))
+        source_loss = {f"loss/{name}": reduced[f"_src{j}"] / reduced[f"_cnt{j}"]
+                       for j, name in enumerate(sources) if reduced.get(f"_cnt{j}", 0) > 0}
         terms = {t: reduced[t] / max(counts[t], 1.0) for t in counts}
         loss_value = sum(terms.values())
         # The norm before clipping, computed with clipping off too (max_norm=inf scales by exactly 1);
@@ -254,6 +261,7 @@ class Trainer:
             record["loss_scale"] = self.precision.loss_scale
         if len(terms) > 1:
             record.update({f"loss_{t}": v for t, v in terms.items()})
+        record.update(source_loss)
         skipped = getattr(self.objective, "skipped", 0)
         if skipped:  # pieces too short for the objective: counted, never a crash
             record["skipped"] = skipped
@@ -349,4 +357,8 @@ class Trainer:
         self.batches_drawn += 1
         # The objective keys its randomness by each row's global sample id: nothing to save for an
         # exact resume, and every rank count draws the same noise for the same sample.
-        return self.objective(self.loader.next_batch()).to(self.device)
+        batch = self.loader.next_batch()
+        ex = self.objective(batch)
+        if batch.source_ids is not None and len(batch.source_ids) == ex.input_ids.shape[0]:
+            ex.source_ids = torch.as_tensor(batch.source_ids)  # rows keep their order through every objective
+        return ex.to(self.device)
