@@ -21,6 +21,7 @@ from lmforge.cli import main
 
 pytestmark = pytest.mark.slow
 
+FLAT = "train.schedule.name=constant"  # resharding runs stop at step 4 via max_steps: the LR must not depend on it
 COMMON = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64", "model.tie_embeddings=false",
     "train.seq_len=32", "train.max_steps=6", "train.checkpoint_every=2", "train.log_every=1",
@@ -43,6 +44,14 @@ def prepared(tmp_path_factory) -> Path:
     for stage in ("data", "tokenizer", "tokenize"):
         assert main([stage, f"out_dir={base}", f"data.inputs={corpus}", "data.filters=[]", *COMMON]) == 0
     return base
+
+
+@pytest.fixture(scope="module")
+def one_rank(prepared, tmp_path_factory) -> dict[str, dict[int, float]]:
+    """The single-process runs every comparison is against (global batch 8), made once."""
+    root = tmp_path_factory.mktemp("one")
+    return {"cosine": train(clone(prepared, root / "cosine"), 1, "train.batch_size=8"),
+            "constant": train(clone(prepared, root / "constant"), 1, "train.batch_size=8", FLAT)}
 
 
 def clone(prepared: Path, out: Path) -> Path:
@@ -74,8 +83,8 @@ def close(a: dict[int, float], b: dict[int, float], rel: float) -> None:
 
 @pytest.mark.parametrize(("mode", "per_rank_batch", "rel"), [("ddp", 4, 1e-5), ("fsdp", 4, 1e-5), ("tp", 8, 1e-4),
                                                             ("pp", 8, 1e-5), ("fsdp+offload", 4, 1e-5)])
-def test_two_ranks_give_the_losses_of_one(prepared, tmp_path, mode, per_rank_batch, rel):
-    one = train(clone(prepared, tmp_path / "one"), 1, "train.batch_size=8")
+def test_two_ranks_give_the_losses_of_one(prepared, one_rank, tmp_path, mode, per_rank_batch, rel):
+    one = one_rank["cosine"]
     options = ["train.parallel.mode=fsdp", "train.parallel.cpu_offload=true"] if mode == "fsdp+offload" else [
         f"train.parallel.mode={mode}"]
     two = train(clone(prepared, tmp_path / mode), 2, f"train.batch_size={per_rank_batch}", *options)
@@ -85,10 +94,8 @@ def test_two_ranks_give_the_losses_of_one(prepared, tmp_path, mode, per_rank_bat
 
 @pytest.mark.parametrize(("first", "second"), [(("fsdp", 2), ("none", 1)), (("none", 1), ("ddp", 2)),
                                                (("ddp", 2), ("fsdp", 2))])
-def test_dcp_checkpoints_resume_on_another_world_size_and_layout(prepared, tmp_path, first, second):
-    # A constant schedule: the first leg stops at step 4 through max_steps, which must not change the LR.
-    flat = "train.schedule.name=constant"
-    whole = train(clone(prepared, tmp_path / "whole"), 1, "train.batch_size=8", flat)
+def test_dcp_checkpoints_resume_on_another_world_size_and_layout(prepared, one_rank, tmp_path, first, second):
+    whole, flat = one_rank["constant"], FLAT
     out = clone(prepared, tmp_path / "resharded")
     (mode1, n1), (mode2, n2) = first, second
     train(out, n1, f"train.batch_size={8 // n1}", f"train.parallel.mode={mode1}", "train.max_steps=4",
