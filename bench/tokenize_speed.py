@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 
-BATCH_DOCS = 1024  # the tokenize stage's batch (lmforge.tokens.token_sets._ENCODE_BATCH_DOCS)
+BATCH_DOCS = 1024  # the tokenize stage's batch (lmforge.tokens.shards.ENCODE_BATCH_DOCS)
 VAL_SHARE = 0.02
 
 

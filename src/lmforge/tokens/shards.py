@@ -44,7 +44,7 @@ SET_VERSION = 2  # 2: unigram counts beside the set
 _RETOKENIZE = "re-run `lmforge tokenize`"
 # What the set manifest repeats from each shard's own manifest; TokenDataset checks they agree.
 _LISTED_KEYS = ("n_tokens", "n_docs", "n_bytes", "bin_xxh64", "idx_xxh64")
-_ENCODE_BATCH_DOCS = 1024
+ENCODE_BATCH_DOCS = 1024  # documents per encoder call
 _FLUSH_TOKENS = 1 << 22  # buffer this many tokens before a write, to keep syscalls few
 _HASH_BLOCK = 1 << 24
 
@@ -362,7 +362,7 @@ def write_token_shards(
     tokenizer.encode_special_tokens = True
     try:
         with writer, tqdm(desc=f"tokenize {name}", unit="doc", disable=not progress) as bar:
-            for batch in _batches(docs, _ENCODE_BATCH_DOCS):
+            for batch in doc_batches(docs, ENCODE_BATCH_DOCS):
                 encodings = tokenizer.encode_batch([d.text for d in batch], add_special_tokens=False)
                 for doc, enc in zip(batch, encodings, strict=True):
                     writer.add(enc.ids, doc.source, doc.n_bytes)
@@ -373,7 +373,7 @@ def write_token_shards(
     return writer.summary
 
 
-def _batches(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
+def doc_batches(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
     batch: list[Document] = []
     for doc in docs:
         batch.append(doc)

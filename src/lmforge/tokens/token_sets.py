@@ -23,11 +23,17 @@ from tqdm import tqdm
 
 from lmforge.data.document import Document
 from lmforge.io_utils import atomic_write_json
-from lmforge.tokens.shards import ShardError, ShardWriter, TokenDataset, set_manifest_path
+from lmforge.tokens.shards import (
+    ENCODE_BATCH_DOCS,
+    ShardError,
+    ShardWriter,
+    TokenDataset,
+    doc_batches,
+    set_manifest_path,
+)
 
 SPLIT_FORMAT = "lmforge-token-split"
 SPLIT_VERSION = 1
-_ENCODE_BATCH_DOCS = 1024
 Encode = Callable[[list[str]], Sequence[Sequence[int] | np.ndarray]]
 
 
@@ -85,7 +91,7 @@ def tokenize_split(
     try:
         with tqdm(desc=f"tokenize {split}", unit="doc", disable=not progress) as bar:
             for k in range(done, len(inputs)):
-                for batch, ids in _encoded(_batches(read(inputs[k]), _ENCODE_BATCH_DOCS), encode):
+                for batch, ids in _encoded(doc_batches(read(inputs[k]), ENCODE_BATCH_DOCS), encode):
                     for doc, doc_ids in zip(batch, ids, strict=True):
                         writer(doc.source).add(doc_ids, doc.source, doc.n_bytes)
                     bar.update(len(batch))
@@ -165,17 +171,6 @@ def _split_manifest(split: str, identity: dict, writers: dict[str, ShardWriter])
     totals = {k: sum(s[k] for s in sources.values()) for k in ("n_tokens", "n_docs", "n_bytes")}
     return {"format": SPLIT_FORMAT, "version": SPLIT_VERSION, "split": split, **identity, **totals,
             "sources": sources}
-
-
-def _batches(docs: Iterable[Document], size: int) -> Iterable[list[Document]]:
-    batch: list[Document] = []
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def read_split_manifest(tokens_dir: Path, split: str) -> dict[str, Any]:

@@ -58,7 +58,7 @@ from torch import nn
 from lmforge.config import BatchRampConfig, RunConfig
 from lmforge.io_utils import atomic_write_json
 from lmforge.tokens.loader import Batch
-from lmforge.train.metrics import Stopwatch, device_peak_flops, flops_per_token
+from lmforge.train.metrics import Stopwatch, device_peak_flops, flops_per_token, save_figure
 
 GIB = 2**30
 PROBE_TOKENS_CPU = 128  # row length of the scaled CPU probe: seconds even for a 1B model's one layer
@@ -401,11 +401,7 @@ def plot_curves(cfg: RunConfig, plan: Plan, path: Path) -> Path:
     axes[0, 0].set_ylabel("learning rate")
     axes[1, 0].set_ylabel("tokens per step")
     fig.suptitle(f"{cfg.out_dir}: {cfg.train.schedule.name} schedule, {n:,} steps")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _gib(n: float) -> str:
