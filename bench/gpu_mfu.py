@@ -8,6 +8,7 @@ Targets: >= 41% at 125M (llm.c's GPT-2 figure), >= 50% at 1B (nanochat's d24).
 
     python bench/gpu_mfu.py              # both sizes, ~5 minutes on an H100 including compilation
     python bench/gpu_mfu.py --sizes 125m --steps 20
+    python bench/gpu_mfu.py --sizes 125m --rows 32 --profile   # where the step's GPU time goes
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ class RandomTokens:
         self.drawn = state["drawn"]
 
 
-def measure(size: str, steps: int, compile_blocks: bool) -> dict:
-    recipe, vocab, rows = SIZES[size]
+def measure(size: str, steps: int, compile_blocks: bool, rows: int = 0, profile: bool = False) -> dict:
+    recipe, vocab, default_rows = SIZES[size]
+    rows = rows or default_rows
     cfg = load_config(recipe, [f"model.vocab_size={vocab}", f"train.batch_size={rows}", "train.grad_accum=1",
                                "train.batch_tokens=0", "train.batch_ramp.start_tokens=0", "train.precision=bf16",
                                "train.device=cuda", f"train.max_steps={steps + 5}", "train.schedule.warmup_steps=0",
@@ -73,9 +75,28 @@ def measure(size: str, steps: int, compile_blocks: bool) -> dict:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     tokens_s = steps * rows * cfg.train.seq_len / seconds
+    if profile:
+        profile_steps(trainer, seconds / steps)
     peak, source = device_peak_flops(torch.device("cuda"), "bf16")
-    return {"size": size, "params": n_params, "tokens_s": tokens_s, "mfu": tokens_s * fpt / peak if peak else None,
-            "peak": source, "memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {"rows": rows, "size": size, "params": n_params, "tokens_s": tokens_s,
+            "mfu": tokens_s * fpt / peak if peak else None, "peak": source,
+            "memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def profile_steps(trainer: Trainer, step_seconds: float, steps: int = 3) -> None:
+    """The kernels that take the step's GPU time, and how busy the GPU is (kernel time / wall time):
+    a low share means the host (launches, syncs) limits the step, not the kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    on_gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA] or events  # kernels' own rows
+    kernel_us = sum(e.self_device_time_total for e in on_gpu)
+    print(f"GPU kernels busy {kernel_us / 1e6 / (steps * step_seconds):.0%} of the timed step time")
+    print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70))
 
 
 def main() -> None:
@@ -83,12 +104,14 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["125m", "1b"], choices=list(SIZES))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--rows", type=int, default=0, help="rows per step (default: the recipe's micro-batch)")
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 steps")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     for size in args.sizes:
-        r = measure(size, args.steps, not args.no_compile)
+        r = measure(size, args.steps, not args.no_compile, args.rows, args.profile)
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        print(f"{size:>5}: {r['params'] / 1e6:.0f}M params, {r['tokens_s']:,.0f} tokens/s, MFU {mfu} "
+        print(f"{size:>5}: {r['params'] / 1e6:.0f}M params, {r['rows']} rows, {r['tokens_s']:,.0f} tokens/s, MFU {mfu} "
               f"({r['peak']}), peak memory {r['memory_gib']:.1f} GiB")
 
 

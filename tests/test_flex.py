@@ -22,9 +22,10 @@ from lmforge.objectives.packing import segment_positions
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
-def pair(position: str, window: int, sinks: int, device: str = "cpu") -> tuple[torch.nn.Module, torch.nn.Module]:
+def pair(position: str, window: int, sinks: int, device: str = "cpu", d_model: int = 32
+         ) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
-    cfg = DecoderConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+    cfg = DecoderConfig(vocab_size=VOCAB, d_model=d_model, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
                         init_std=0.1, position=position, sliding_window=window, attention_sinks=sinks)
     dense = build_model(cfg).to(device)
     flex = build_model(dataclasses.replace(cfg, attention="flex")).to(device)
@@ -81,7 +82,7 @@ def test_flex_lowers_once_per_forward_and_plain_causal_stays_on_sdpa(monkeypatch
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_flex_on_cuda_matches_sdpa_on_a_long_packed_row() -> None:
-    dense, flex = pair("rope", 0, 0, "cuda")
+    dense, flex = pair("rope", 0, 0, "cuda", d_model=128)  # head dim 32: compiled flex needs >= 16
     T, rows = 1024, 2
     seg = torch.repeat_interleave(torch.arange(1, 9), T // 8)[None].expand(rows, -1)
     layout = AttentionLayout(causal=True, segment_ids=seg.cuda())

@@ -21,7 +21,7 @@ from transformers.models.llama.modeling_llama import rotate_half as hf_rotate_ha
 from lmforge.config import ConfigError
 from lmforge.models import build_model, count_params
 from lmforge.models.decoder import DecoderConfig as ModelConfig
-from lmforge.models.layers import RMSNorm
+from lmforge.models.layers import RMSNorm, padded_linear
 from lmforge.models.masks import self_allowed
 from lmforge.models.positions import RotaryEmbedding, apply_rotary, default_positions, rotate_half
 from lmforge.objectives.base import AttentionLayout
@@ -241,3 +241,22 @@ def test_rmsnorm_matches_transformers_in_bf16() -> None:
         ours.weight.copy_(torch.randn(32))
         theirs.weight.copy_(ours.weight)
     assert torch.equal(ours(x), theirs(x))
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 80), align=st.sampled_from([8, 64]), bias=st.booleans())
+def test_padded_vocab_matmul_gives_the_plain_values_and_gradients(rows: int, align: int, bias: bool) -> None:
+    """The vocabulary projection pads its matmul on CUDA (cuBLAS speed); what comes out and what
+    flows back must be F.linear's exactly."""
+    torch.manual_seed(rows)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    w = torch.randn(rows, 16, requires_grad=True)
+    b = torch.randn(rows, requires_grad=True) if bias else None
+    got = padded_linear(x, w, b, align)
+    grads = torch.autograd.grad((got * torch.arange(rows)).sum(), [x, w] + ([b] if bias else []))
+    want = torch.nn.functional.linear(x, w, b)
+    want_grads = torch.autograd.grad((want * torch.arange(rows)).sum(), [x, w] + ([b] if bias else []))
+    assert got.shape == want.shape == (2, 3, rows)
+    assert_close(got, want)
+    for g, wg in zip(grads, want_grads, strict=True):
+        assert_close(g, wg)

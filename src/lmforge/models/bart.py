@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models.encoder_decoder import EncoderDecoderConfig, Seq2SeqModel
-from lmforge.models.layers import Attention
+from lmforge.models.layers import Attention, vocab_logits
 from lmforge.models.masks import AttnMask, cross_allowed, lower, self_allowed
 from lmforge.models.positions import default_positions
 from lmforge.objectives.base import AttentionLayout
@@ -140,5 +140,5 @@ class BartModel(Seq2SeqModel):
         x = self.decoder.embed(self.shared(decoder_input_ids), decoder_position_ids)
         for layer in self.decoder.layers:
             x = layer(x, encoder_out, self_mask, cross_mask)
-        return self.lm_head(x) + self.final_logits_bias
+        return vocab_logits(x, self.lm_head.weight) + self.final_logits_bias
 

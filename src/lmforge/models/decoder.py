@@ -12,7 +12,7 @@ from torch import nn
 
 from lmforge.config import ModelConfig, check
 from lmforge.models.flex import alibi_score_mod, build_block_mask
-from lmforge.models.layers import Attention, KVCache, RMSNorm, SwiGLU
+from lmforge.models.layers import Attention, KVCache, RMSNorm, SwiGLU, vocab_logits
 from lmforge.models.masks import AttnMask, causal_allowed, lower, self_allowed
 from lmforge.models.positions import ALiBi, RotaryEmbedding, default_positions
 from lmforge.models.registry import ARCHITECTURES
@@ -134,7 +134,7 @@ class Decoder(nn.Module):
         rope = self.rope(position_ids) if self.cfg.position == "rope" else None
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, rope, cache, i)
-        return self.lm_head(self.norm(x))
+        return vocab_logits(self.norm(x), self.lm_head.weight)
 
     def _mask(self, layout: AttentionLayout, positions: torch.Tensor, T: int, past: int,
               device: torch.device) -> AttnMask:

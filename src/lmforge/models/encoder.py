@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig, check
-from lmforge.models.layers import Attention
+from lmforge.models.layers import Attention, vocab_logits
 from lmforge.models.masks import AttnMask, lower, self_allowed
 from lmforge.models.positions import default_positions
 from lmforge.models.registry import ARCHITECTURES
@@ -129,7 +129,7 @@ class Encoder(nn.Module):
             x = layer(x, mask)
         h = x if predict_positions is None else x[predict_positions]
         h = self.mlm_norm(F.gelu(self.mlm_transform(h)))
-        logits = F.linear(h, self.word_embeddings.weight, self.mlm_bias)
+        logits = vocab_logits(h, self.word_embeddings.weight, self.mlm_bias)
         if self.nsp is None:
             return logits
         pooled = torch.tanh(self.pooler(x[:, 0]))

@@ -62,8 +62,8 @@ def build_block_mask(
     batch = max(rows)
     mask_mod = layout_mask_mod(layout, batch, positions, window, sinks, device)
     # Compiled creation avoids evaluating the rule on the whole T x T grid at once (CUDA only).
-    return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=device,
-                             _compile=device.type == "cuda")
+    create = _compiled_mask() if device.type == "cuda" else create_block_mask
+    return create(mask_mod, batch, None, seq_len, seq_len, device=device)
 
 
 def alibi_score_mod(slopes: list[float], positions: torch.Tensor) -> Callable:
@@ -80,6 +80,11 @@ def alibi_score_mod(slopes: list[float], positions: torch.Tensor) -> Callable:
 
 
 @functools.cache
+def _compiled_mask() -> Callable:
+    return torch.compile(create_block_mask)
+
+
+@functools.cache
 def _compiled() -> Callable:
     return torch.compile(flex_attention, dynamic=False)
 
@@ -90,5 +95,8 @@ def flex_attend(
 ) -> torch.Tensor:
     """q [B, H, T, D], k/v [B, H_kv, S, D] -> [B, H, T, D]; grouped-query heads read their kv head
     directly (no repeat)."""
+    if q.is_cuda and q.shape[-1] < 16:  # else inductor fails deep inside its lowering
+        raise ValueError(f"model.attention=flex needs a head dimension of at least 16 on CUDA (got {q.shape[-1]}): "
+                         "raise model.d_model / model.n_heads, or use model.attention=sdpa")
     kernel = _compiled() if q.is_cuda else flex_attention
     return kernel(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)

@@ -17,6 +17,28 @@ from lmforge.models.flex import flex_attend
 from lmforge.models.masks import AttnMask
 from lmforge.models.positions import apply_rotary
 
+# cuBLAS has fast Hopper tensor-core kernels for a bf16 output dimension that is a multiple of 8;
+# GPT-2's 50,257 fell back to an sm75 CUTLASS kernel on an H200: the three vocabulary matmuls took
+# ~40 ms a step each at 125M, 5-6x their FLOPs' time (BENCHMARKS.md). nanoGPT pads the vocabulary to
+# 50,304 instead; padding the matmul alone keeps checkpoints, exports and logits at the true size.
+VOCAB_ALIGN = 64
+
+
+def vocab_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., d] @ weight[V, d].T (+ bias) -> [..., V]: the output projection of every family, with
+    the matmul padded to a multiple of VOCAB_ALIGN rows on CUDA."""
+    if x.is_cuda and weight.shape[0] % VOCAB_ALIGN and type(weight) in (torch.Tensor, nn.Parameter):
+        return padded_linear(x, weight, bias, VOCAB_ALIGN)
+    return F.linear(x, weight, bias)
+
+
+def padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, align: int) -> torch.Tensor:
+    """F.linear through a weight padded with zero rows to a multiple of `align`, sliced back: the same
+    values and gradients (the padded rows' outputs are dropped before anything reads them)."""
+    rows = weight.shape[0]
+    out = F.linear(x, F.pad(weight, (0, 0, 0, -rows % align)))[..., :rows]
+    return out if bias is None else out + bias
+
 
 class RMSNorm(nn.Module):
     """Normalised in fp32 and cast back before the weight, exactly like LlamaRMSNorm (and T5's

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models.encoder_decoder import EncoderDecoderConfig, Seq2SeqModel
-from lmforge.models.layers import Attention, RMSNorm
+from lmforge.models.layers import Attention, RMSNorm, vocab_logits
 from lmforge.models.masks import AttnMask, cross_allowed, lower, self_allowed
 from lmforge.models.positions import T5RelativeBias, default_positions
 from lmforge.objectives.base import AttentionLayout
@@ -150,4 +150,4 @@ class T5Model(Seq2SeqModel):
         x = self.decoder(self.shared(decoder_input_ids), mask, encoder_out, cross_mask)
         if self.cfg.tied:  # T5 rescales before the shared embedding matrix doubles as the output layer
             x = x * self.cfg.d_model**-0.5
-        return self.lm_head(x)
+        return vocab_logits(x, self.lm_head.weight)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.models.layers import vocab_logits
 from lmforge.models.masks import AttnMask
 from lmforge.models.positions import default_positions
 from lmforge.train.parallel import Dist
@@ -52,7 +53,7 @@ class DecoderStage(nn.Module):
         mask = AttnMask(is_causal=True)
         for i in self.keep:
             x = self.layers[i](x, mask, rope)
-        return self.lm_head(self.norm(x)) if self.last else x
+        return vocab_logits(self.norm(x), self.lm_head.weight) if self.last else x
 
 
 def check_pipelinable(model: nn.Module) -> None:
