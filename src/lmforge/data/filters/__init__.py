@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from lmforge.data.filters import seeds_rules  # noqa: F401 - imported to register its rules
-from lmforge.data.filters.base import FILTERS, Filter, FilterStep, OptionError, Transform
+from lmforge.data.filters.base import FILTERS, Filter, FilterStep, OptionError, Rewriter, Transform
 from lmforge.errors import ConfigError
 
-__all__ = ["FILTERS", "Filter", "FilterStep", "Transform", "build_filter"]
+__all__ = ["FILTERS", "Filter", "FilterStep", "Rewriter", "Transform", "build_filter"]
 
 
 def build_filter(spec: dict[str, Any], index: int) -> FilterStep:

@@ -1,6 +1,8 @@
 """The filter contract, and the step that runs one rule over a document stream.
 
-A rule is either a `Filter` (`keep(doc) -> (kept, reason)`) or a `Transform` (`apply(doc) -> doc`).
+A rule is a `Filter` (`keep(doc) -> (kept, reason)`), a `Transform` (`apply(doc) -> doc`) or a
+`Rewriter` (`process(doc) -> (doc or None, reason)`: rewrites some documents and drops others, as PII
+masking does: a few matches are replaced, many drop the document).
 Rules never see the ledger or other documents, so any rule runs unchanged in a local process, a
 Ray task or a unit test; `FilterStep` adds the source restriction and the ledger bookkeeping.
 """
@@ -33,7 +35,15 @@ class Transform(ABC):
         """A new document with the text (or meta) rewritten; never mutates `doc`."""
 
 
-Rule = Filter | Transform
+class Rewriter(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def process(self, doc: Document) -> tuple[Document | None, str]:
+        """(doc, "") unchanged or (new_doc, "") rewritten (never mutating `doc`); (None, reason) to drop."""
+
+
+Rule = Filter | Transform | Rewriter
 
 
 def register_rule(name: str) -> Callable[[Any], Any]:
@@ -89,6 +99,12 @@ class FilterStep:
                 yield doc
             elif isinstance(self.rule, Transform):
                 yield self.rule.apply(doc)
+            elif isinstance(self.rule, Rewriter):
+                new, reason = self.rule.process(doc)
+                if new is not None:
+                    yield new
+                else:
+                    ledger.record_removed(doc, self.name, reason)
             else:
                 kept, reason = self.rule.keep(doc)
                 if kept:
