@@ -9,7 +9,7 @@ import pytest
 
 from lmforge.config import ConfigError
 from lmforge.data import textstats
-from lmforge.data.dedup import ExactDedup
+from lmforge.data.dedup import ExactDedup, doc_key
 from lmforge.data.document import Document
 from lmforge.data.filters import FILTERS, build_filter
 from lmforge.data.ledger import Ledger
@@ -182,7 +182,26 @@ def test_transform_applies_only_to_listed_sources():
 # ---------------------------------------------------------------- exact dedup
 
 
-def test_exact_dedup_keeps_first_and_records_kept_id(tmp_path):
+def run_dedup(step, tasks: list[list[Document]], root) -> list[tuple[str, str, dict]]:
+    """The stage's map -> reduce -> apply over `tasks`; (id, reason, detail) per document, in key order."""
+    dirs = []
+    for t, docs in enumerate(tasks):
+        (root / f"map{t}").mkdir()
+        step.map([(doc_key(t, i), d) for i, d in enumerate(docs)], root / f"map{t}")
+        dirs.append(root / f"map{t}")
+    (root / "reduce").mkdir()
+    step.reduce(dirs, root / "reduce")
+    out = []
+    for t, docs in enumerate(tasks):
+        decisions = step.load(root / "reduce", t)
+        for i, d in enumerate(docs):
+            kept, reason, detail = step.apply(decisions, doc_key(t, i), d)
+            out.append((d.id, reason if kept is None else "kept", detail))
+    return out
+
+
+@pytest.mark.parametrize("split", [1, 2, 5])
+def test_exact_dedup_keeps_the_first_in_corpus_order_on_any_task_split(tmp_path, split):
     docs = [
         doc("hello  world\n", id="a"),
         doc("something else", id="b"),
@@ -190,14 +209,28 @@ def test_exact_dedup_keeps_first_and_records_kept_id(tmp_path):
         doc("Hello world", id="d"),  # case differs: not an exact duplicate
         doc("hello\tworld", id="e"),
     ]
-    with Ledger(tmp_path / "removed.jsonl") as ledger:
-        kept = list(ExactDedup()(iter(docs), ledger))
-    assert [d.id for d in kept] == ["a", "b", "d"]
-    removed = [json.loads(line) for line in (tmp_path / "removed.jsonl").read_text().splitlines()]
-    assert [(r["id"], r["step"], r["reason"], r["detail"]["kept_id"]) for r in removed] == [
-        ("c", "exact_dedup", "duplicate", "a"),
-        ("e", "exact_dedup", "duplicate", "a"),
-    ]
-    assert removed[0]["detail"]["hash"] == removed[1]["detail"]["hash"]
-    assert len(removed[0]["detail"]["hash"]) == 32  # xxh3-128 in hex
-    assert ledger.counts("exact_dedup", "other-source").docs_removed == 1
+    tasks = [docs[i:i + split] for i in range(0, len(docs), split)]
+    results = run_dedup(ExactDedup(), tasks, tmp_path)
+    assert [(i, r) for i, r, _ in results] == [("a", "kept"), ("b", "kept"), ("c", "duplicate"), ("d", "kept"),
+                                               ("e", "duplicate")]
+    details = [d for _, r, d in results if r == "duplicate"]
+    assert [d["kept_id"] for d in details] == ["a", "a"] and details[0]["kept_key"] == doc_key(0, 0)
+    assert details[0]["hash"] == details[1]["hash"] and len(details[0]["hash"]) == 32  # xxh3-128 in hex
+
+
+def test_exact_dedup_keeps_code_indentation_apart(tmp_path):
+    code = "def f():\n    return 1\n"
+    docs = [doc(code, "code", id="a"), doc(code.replace("    ", "  "), "code", id="b"),
+            doc(code + "   \n", "code", id="c"), doc(code.replace("    ", "  "), id="d"),
+            doc(code.replace("    ", " "), id="e")]
+    results = {i: r for i, r, _ in run_dedup(ExactDedup(), [docs], tmp_path)}
+    # Code: indentation matters, trailing whitespace does not; prose collapses all whitespace.
+    assert results == {"a": "kept", "b": "kept", "c": "duplicate", "d": "kept", "e": "duplicate"}
+
+
+def test_strip_html_drops_unclosed_invisible_elements_to_the_end():
+    """An unclosed <script> or comment runs to the end of the page, as in a browser; the scan is one
+    pass (the foundation's lazy regex rescanned the rest of the page for each one: quadratic)."""
+    assert FILTERS.build("strip_html").apply(doc("text<script>x " * 3 + "<!-- y " * 2)).text == "text"
+    html_doc = doc("<p>keep</p><script>drop</script><!-- c --><STYLE a=1>drop</style >tail<script>rest")
+    assert FILTERS.build("strip_html").apply(html_doc).text == "keep\ntail"

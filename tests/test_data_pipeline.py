@@ -15,7 +15,8 @@ from lmforge.data import pipeline
 from lmforge.data.document import Document
 from lmforge.data.io import read_documents
 from lmforge.data.ledger import Ledger, LedgerMismatch
-from lmforge.data.pipeline import DataStageError, run_data_stage, run_step, split_key
+from lmforge.data.pipeline import DataStageError, run_data_stage, run_step
+from lmforge.data.rounds import split_key
 
 FILTERS = [
     {"name": "strip_html", "sources": ["web"]},
@@ -98,7 +99,8 @@ def test_run_data_stage_end_to_end(tmp_path):
     summary = run_data_stage(cfg, out, seed=3, progress=False)
     train, val = kept_docs(out)
     assert sorted(train + val, key=lambda d: d.id) == sorted(expected.values(), key=lambda d: d.id)
-    assert len(list((out / "train").glob("shard-*.jsonl.zst"))) == -(-len(train) // cfg.docs_per_shard)
+    zh = sum(d.source == "zh" for d in train)  # one task per input file, each with its own shards
+    assert len(list((out / "train").glob("shard-*.jsonl.zst"))) == -(-(len(train) - zh) // 7) + -(-zh // 7)
 
     reasons = {r["id"]: (r["step"], r["reason"]) for r in removed_records(out)}
     assert reasons == {
@@ -110,6 +112,7 @@ def test_run_data_stage_end_to_end(tmp_path):
         "lowvotes": ("min_upvotes", "upvotes=1<3"),
         "corpus.jsonl:38": ("read", "quarantine"),
     }
+    assert all("file" in r["detail"] and "line" in r["detail"] for r in removed_records(out)), "removals point back"
     assert summary["docs_in"] == 40 and summary["docs_kept"] == len(expected) and summary["docs_removed"] == 7
     assert summary["train_docs"] == len(train) and summary["val_docs"] == len(val) and val and train
     assert summary["bytes_kept"] == sum(d.n_bytes for d in expected.values())
@@ -130,10 +133,10 @@ def test_run_data_stage_end_to_end(tmp_path):
 def test_split_is_deterministic_per_seed_and_disjoint(tmp_path):
     lines = [rec(id=f"d{k}", text=prose(k)) for k in range(200)]
     write_jsonl(tmp_path / "c.jsonl", lines)
-    cfg = DataConfig(inputs=[InputConfig(path=str(tmp_path / "c.jsonl"))], val_fraction=0.2)
 
     def split(seed: int, name: str) -> tuple[list[str], list[str]]:
-        run_data_stage(cfg, tmp_path / name, seed=seed, progress=False)
+        cfg = DataConfig(inputs=[InputConfig(path=str(tmp_path / "c.jsonl"))], val_fraction=0.2, split_seed=seed)
+        run_data_stage(cfg, tmp_path / name, progress=False)
         train, val = kept_docs(tmp_path / name)
         return [d.id for d in train], [d.id for d in val]
 
@@ -150,7 +153,7 @@ def test_split_guarantees_a_val_and_a_train_doc(tmp_path):
     ids = [f"tiny{k}" for k in range(3)]
     assert all(split_key(i, 0) >= 0.01 for i in ids), "precondition: hashing alone puts nothing in val"
     write_jsonl(tmp_path / "c.jsonl", [rec(id=i, text=prose(k)) for k, i in enumerate(ids)])
-    cfg = DataConfig(inputs=[InputConfig(path=str(tmp_path / "c.jsonl"))], val_fraction=0.01)
+    cfg = DataConfig(inputs=[InputConfig(path=str(tmp_path / "c.jsonl"))], val_fraction=0.01, split_seed=0)
     summary = run_data_stage(cfg, tmp_path / "out", seed=0, progress=False)
     train, val = kept_docs(tmp_path / "out")
     assert (summary["train_docs"], summary["val_docs"]) == (2, 1)
@@ -167,7 +170,7 @@ def test_too_few_documents_raise_and_keep_previous_outputs(tmp_path):
     with pytest.raises(DataStageError, match="only one document"):
         run_data_stage(DataConfig(inputs=[InputConfig(path=str(tmp_path / "one.jsonl"))]), out, 0, progress=False)
     assert kept_docs(out) == before
-    assert sorted(p.name for p in out.iterdir()) == ["ledger.json", "removed.jsonl", "train", "val"]
+    assert sorted(p.name for p in out.iterdir()) == ["ledger.json", "removed.jsonl", "report.md", "train", "val"]
     with pytest.raises(DataStageError, match="no documents survived"):
         run_data_stage(DataConfig(inputs=[InputConfig(path=str(tmp_path / "one.jsonl"))], filters=[
             {"name": "min_words", "min_words": 1000}]), tmp_path / "out2", 0, progress=False)
@@ -193,7 +196,7 @@ def test_crash_late_in_the_stage_keeps_all_previous_outputs(tmp_path, monkeypatc
     run_data_stage(DataConfig(inputs=[InputConfig(path=str(tmp_path / "old.jsonl"))], docs_per_shard=3), out, 0,
                    progress=False)
     before = snapshot(out)
-    assert {"ledger.json", "removed.jsonl", "train/shard-00000.jsonl.zst", "val/shard-00000.jsonl.zst"} <= set(before)
+    assert {"ledger.json", "removed.jsonl", "train/shard-000000-00000.jsonl.zst"} <= set(before)
 
     # A different corpus and seed: any new file that slipped through would differ from the old one.
     write_jsonl(tmp_path / "new.jsonl", [rec(id=f"new{k}", text=prose(k)) for k in range(20)] + ["{worse"])
@@ -205,7 +208,8 @@ def test_crash_late_in_the_stage_keeps_all_previous_outputs(tmp_path, monkeypatc
         run_data_stage(DataConfig(inputs=[InputConfig(path=str(tmp_path / "new.jsonl"))], docs_per_shard=3), out, 1,
                        progress=False)
     assert snapshot(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.jsonl", "old.jsonl", "out"], "no temporaries left"
+    # Only the failed run's resumable work directory is left beside the untouched output.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.work", "new.jsonl", "old.jsonl", "out"]
 
 
 def test_rerun_replaces_shards_without_stale_ones(tmp_path):
@@ -218,7 +222,7 @@ def test_rerun_replaces_shards_without_stale_ones(tmp_path):
     run_data_stage(DataConfig(inputs=[spec], docs_per_shard=100, val_fraction=0.1), out, 0, progress=False)
     train, val = kept_docs(out)
     assert sorted(d.id for d in train + val) == [f"d{k}" for k in range(5)]
-    assert [p.name for p in (out / "train").iterdir()] == ["shard-00000.jsonl.zst"]
+    assert [p.name for p in (out / "train").iterdir()] == ["shard-000000-00000.jsonl.zst"]
 
 
 def test_bad_recipe_fails_before_reading(tmp_path):
@@ -239,26 +243,21 @@ def test_repeated_filter_names_get_distinct_ledger_rows(tmp_path):
     assert summary["ledger"]["steps"] == ["read", "min_words", "min_words#2", "exact_dedup"]
 
 
-def test_repeated_ids_are_quarantined_not_dropped(tmp_path):
+def test_repeated_ids_are_removed_within_a_file_and_kept_across_inputs(tmp_path):
     books, web = tmp_path / "c.jsonl", tmp_path / "w.jsonl"
     write_jsonl(books, [rec(id=i, text=prose(k)) for k, i in enumerate(["a", "b", "a", "c"], 1)])
+    # Per-dataset ids are normal: web's "b" is another document than books' "b", and both stay.
     write_jsonl(web, [rec(id="b", text=prose(5)), rec(id="d", text=prose(6))])
     cfg = DataConfig(inputs=[InputConfig(path=str(books), source="books"), InputConfig(path=str(web))])
     summary = run_data_stage(cfg, tmp_path / "out", 0, progress=False)
     train, val = kept_docs(tmp_path / "out")
-    assert sorted((d.id, d.text) for d in train + val) == [("a", prose(1)), ("b", prose(2)), ("c", prose(4)),
-                                                          ("d", prose(6))], "the first of each id is kept"
+    assert sorted((d.id, d.text) for d in train + val) == [("a", prose(1)), ("b", prose(2)), ("b", prose(5)),
+                                                          ("c", prose(4)), ("d", prose(6))]
     assert removed_records(tmp_path / "out") == [
         {"id": "a", "source": "books", "step": "read", "reason": "duplicate_id",
-         "detail": {"file": str(books), "line": 3, "first_source": "books"}},
-        {"id": "b", "source": "w", "step": "read", "reason": "duplicate_id",
-         "detail": {"file": str(web), "line": 1, "first_source": "books"}},
+         "detail": {"file": str(books), "line": 3, "first_line": 1}},
     ]
-    assert (summary["docs_in"], summary["docs_kept"], summary["docs_removed"]) == (6, 4, 2)
-    assert summary["ledger"]["counts"]["read"]["w"] == {
-        "docs_in": 2, "docs_kept": 1, "docs_removed": 1, "bytes_in": len(prose(5)) + len(prose(6)),
-        "bytes_kept": len(prose(6)), "bytes_removed": len(prose(5)),
-    }
+    assert (summary["docs_in"], summary["docs_kept"], summary["docs_removed"]) == (6, 5, 1)
     assert_ledger_invariants(summary["ledger"])
 
 

@@ -15,6 +15,8 @@ import yaml
 
 from lmforge import stages
 from lmforge.config import ConfigError, RunConfig
+from lmforge.data import commands as data_commands
+from lmforge.data.dedup import DedupAlarm
 from lmforge.data.pipeline import DataStageError
 from lmforge.recipe import load_config
 from lmforge.tokens.shards import ShardError
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:  # the command or its inputs are wrong
         print(f"lmforge: error: {e}", file=sys.stderr)
         return 2
-    except (ShardError, DataStageError, NonFiniteLoss) as e:  # the work itself failed; outputs kept as they were
+    except (ShardError, DataStageError, DedupAlarm, NonFiniteLoss) as e:  # the work failed; outputs kept as they were
         print(f"lmforge: error: {e}", file=sys.stderr)
         return 1
     except (ValueError, KeyError) as e:  # e.g. a checkpoint that does not fit the data
@@ -85,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
             add_cli_options(sp)
         sp.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     _extend_vocab_parser(sub)
+    data_commands.add_parsers(sub)
     return p
 
 
@@ -115,6 +118,9 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
         result = extend_vocabulary(args.base, read_texts(args.texts), args.n_new, args.out)
         print(json.dumps({k: v for k, v in result.items() if k != "new_tokens"}, indent=2))
         return 0
+    done = data_commands.run(args, cfg)
+    if done is not None:
+        return done
     if args.stage == "generate":
         print(stages.stage_generate(cfg, args.prompt, fill_mask=args.fill_mask)["text"])
         return 0

@@ -53,17 +53,26 @@ class BuiltinCorpusConfig:
 class DataConfig:
     inputs: list[InputConfig] = field(default_factory=list)  # empty -> built-in corpus
     builtin: BuiltinCorpusConfig = field(default_factory=BuiltinCorpusConfig)
-    # Each filter: {name: <registered filter>, sources: [..] or absent for all, <its options>}.
-    filters: list[dict[str, Any]] = field(
+    # Each filter: a bare name (`pii`: its defaults) or {name: <registered filter>, sources: [..] or
+    # absent for all, <its options>}; applied in order, so cheap rules first make a cascade.
+    filters: list[Any] = field(
         default_factory=lambda: [
             {"name": "min_words", "min_words": 25},
             {"name": "symbol_ratio", "max_ratio": 0.1, "skip_sources": ["code"]},
             {"name": "stop_words", "skip_sources": ["code"]},
         ]
     )
-    dedup: Literal["exact", "none"] = "exact"
+    # Cross-document steps in order, each a bare name or {name: ..., <options>}: exact, minhash,
+    # substring, repeated_sentences. `none` or [] for no dedup.
+    dedup: list[Any] = field(default_factory=lambda: ["exact"])
     val_fraction: float = 0.02
+    # train/val membership hashes the document id with this seed, never the training seed, so a seed
+    # sweep evaluates every run on the same validation documents.
+    split_seed: int = 1234
     docs_per_shard: int = 20_000
+    workers: int = 0  # processes for the shard tasks; 0: every core
+    executor: Literal["local", "ray"] = "local"  # ray: the same tasks on a Ray cluster (lmforge[ray])
+    max_doc_bytes: int = 64 << 20  # one record larger than this is quarantined unread
 
 
 @dataclass
@@ -503,6 +512,8 @@ def validate(cfg: RunConfig) -> None:
         ("seed", cfg.seed >= 0, "must be >= 0"),
         ("data.val_fraction", 0.0 < cfg.data.val_fraction < 0.5, "must be in (0, 0.5)"),
         ("data.docs_per_shard", cfg.data.docs_per_shard > 0, "must be > 0"),
+        ("data.workers", cfg.data.workers >= 0, "must be >= 0 (0: every core)"),
+        ("data.max_doc_bytes", cfg.data.max_doc_bytes > 0, "must be > 0"),
         ("tokenizer.vocab_size", 400 <= cfg.tokenizer.vocab_size <= 2**32 - 1, "must be in [400, 2^32)"),
         ("train.seq_len", 0 < cfg.train.seq_len <= cfg.model.max_seq_len, "must be in (0, model.max_seq_len]"),
         ("tokens.block_docs", cfg.tokens.block_docs > 0, "must be > 0"),
@@ -527,6 +538,8 @@ def validate(cfg: RunConfig) -> None:
     for key, ok, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg} (got {_get_dotted(cfg, key)!r})")
+    if cfg.data.dedup in (["none"], [None]):
+        cfg.data.dedup = []
     _derive_accumulation(cfg.train)
     _validate_stability(cfg.train)
     _validate_curriculum(cfg)

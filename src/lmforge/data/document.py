@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 
@@ -13,7 +14,7 @@ class Document:
     source: str
     meta: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    @cached_property  # every step's ledger entry asks; encoding once per text is enough
     def n_bytes(self) -> int:
         return len(self.text.encode("utf-8"))
 

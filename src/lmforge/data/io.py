@@ -32,6 +32,9 @@ from lmforge.io_utils import AtomicFile
 
 READ_STEP = "read"
 PARQUET_BATCH_ROWS = 1024
+# One record larger than this is quarantined unparsed: a runaway line (a whole dump on one line)
+# would otherwise be held in memory several times over. `data.max_doc_bytes` overrides it.
+MAX_DOC_BYTES = 64 << 20
 SHARD_GLOB = "shard-*.jsonl.zst"
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
@@ -180,21 +183,27 @@ class ReadDoc(NamedTuple):
     line: int | None
 
 
-def read_input(spec: InputConfig, ledger: Ledger) -> Iterator[ReadDoc]:
+def read_input(spec: InputConfig, ledger: Ledger, max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[ReadDoc]:
     """Documents of one input with their file and line, NOT yet counted in the ledger: the caller
     counts each one with `count_read` or removes it. Quarantined records are fully accounted here."""
     root = input_root(spec)
     for path in input_files(spec):
-        rel = relative_id(path, root)
-        if spec.source:  # inputs labelled apart (web/data.jsonl, books/data.jsonl) must not share ids
-            rel = f"{spec.source}/{rel}"
-        fmt = detect_format(path, spec.format)
-        if fmt == "jsonl":
-            yield from _read_jsonl(path, rel, spec, ledger)
-        elif fmt == "parquet":
-            yield from _read_parquet(path, rel, spec, ledger)
-        else:
-            yield from _read_text(path, rel, spec, ledger)
+        yield from read_file(spec, path, root, ledger, max_doc_bytes)
+
+
+def read_file(spec: InputConfig, path: Path, root: Path, ledger: Ledger,
+              max_doc_bytes: int = MAX_DOC_BYTES) -> Iterator[ReadDoc]:
+    """One file of an input (see read_input)."""
+    rel = relative_id(path, root)
+    if spec.source:  # inputs labelled apart (web/data.jsonl, books/data.jsonl) must not share ids
+        rel = f"{spec.source}/{rel}"
+    fmt = detect_format(path, spec.format)
+    if fmt == "jsonl":
+        yield from _read_jsonl(path, rel, spec, ledger, max_doc_bytes)
+    elif fmt == "parquet":
+        yield from _read_parquet(path, rel, spec, ledger)
+    else:
+        yield from _read_text(path, rel, spec, ledger, max_doc_bytes)
 
 
 def iter_input(spec: InputConfig, ledger: Ledger) -> Iterator[Document]:
@@ -230,10 +239,25 @@ def _record_to_doc(rec: Any, spec: InputConfig, default_id: str, stem: str) -> D
     text = rec.get(spec.text_key)
     if not isinstance(text, str):
         return doc_id, source, f"no string {spec.text_key!r} field (got {type(text).__name__})"
+    problem = text_problem(text)
+    if problem:
+        return doc_id, source, problem
     # The record's own `source` stays in meta when something else labelled the document.
     skip = {spec.text_key, spec.id_key} | ({"source"} if use_rec_source else set())
     meta = {k: v for k, v in rec.items() if k not in skip}
     return Document(id=doc_id, text=text, source=source, meta=meta)
+
+
+def text_problem(text: str) -> str:
+    """Why a decoded text cannot be a document ("" if it can): JSON's \\u escapes can smuggle in a lone
+    surrogate (not encodable as UTF-8, so every later stage would crash on it) or NUL bytes."""
+    if "\x00" in text:
+        return "text holds NUL bytes"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"text is not valid Unicode: lone surrogate {text[e.start]!r} at character {e.start}"
+    return ""
 
 
 # The two generators below turn a damaged file into a final (position, problem) item instead of an
@@ -269,12 +293,16 @@ def _parquet_rows(path: Path, text_key: str) -> Iterator[tuple[int | None, dict[
         yield row + 1, f"unreadable parquet from this row on: {type(e).__name__}: {e}"
 
 
-def _read_jsonl(path: Path, rel: str, spec: InputConfig, ledger: Ledger) -> Iterator[ReadDoc]:
+def _read_jsonl(path: Path, rel: str, spec: InputConfig, ledger: Ledger, max_doc_bytes: int) -> Iterator[ReadDoc]:
     stem = file_stem(path)
     for line_no, raw in _jsonl_lines(path):
         default_id = f"{rel}:{line_no}"
         if isinstance(raw, str):
             _quarantine(ledger, default_id, spec.source or stem, path, line_no, raw, 0)
+            continue
+        if len(raw) > max_doc_bytes:
+            problem = f"record of {len(raw):,} bytes exceeds data.max_doc_bytes={max_doc_bytes:,}"
+            _quarantine(ledger, default_id, spec.source or stem, path, line_no, problem, len(raw))
             continue
         try:
             rec = json.loads(raw)
@@ -303,9 +331,14 @@ def _read_parquet(path: Path, rel: str, spec: InputConfig, ledger: Ledger) -> It
             _quarantine(ledger, doc[0], doc[1], path, row, doc[2], 0)
 
 
-def _read_text(path: Path, doc_id: str, spec: InputConfig, ledger: Ledger) -> Iterator[ReadDoc]:
+def _read_text(path: Path, doc_id: str, spec: InputConfig, ledger: Ledger, max_doc_bytes: int) -> Iterator[ReadDoc]:
     """One document per file."""
     source = spec.source or file_stem(path)
+    size = path.stat().st_size
+    if size > max_doc_bytes:  # checked before reading, so a huge file is never loaded
+        problem = f"file of {size:,} bytes exceeds data.max_doc_bytes={max_doc_bytes:,}"
+        _quarantine(ledger, doc_id, source, path, None, problem, size)
+        return
     try:
         with open_binary(path) as f:
             data = f.read()
@@ -316,6 +349,9 @@ def _read_text(path: Path, doc_id: str, spec: InputConfig, ledger: Ledger) -> It
         text = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         _quarantine(ledger, doc_id, source, path, None, f"not UTF-8 text: {e}", len(data))
+        return
+    if "\x00" in text:
+        _quarantine(ledger, doc_id, source, path, None, "text holds NUL bytes", len(data))
         return
     yield ReadDoc(Document(id=doc_id, text=text, source=source), path, None)
 
@@ -331,12 +367,13 @@ class ShardWriter:
     mixing two runs' shards would silently duplicate or resurrect documents.
     """
 
-    def __init__(self, out_dir: Path, docs_per_shard: int, level: int = 3):
+    def __init__(self, out_dir: Path, docs_per_shard: int, level: int = 3, prefix: str = ""):
         if docs_per_shard <= 0:
             raise ValueError(f"docs_per_shard must be > 0, got {docs_per_shard}")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if any(self.out_dir.glob(SHARD_GLOB)):
+        self.prefix = prefix  # e.g. the task number, so several writers' shards share a directory in order
+        if any(self.out_dir.glob(f"shard-{prefix}*.jsonl.zst")):
             raise FileExistsError(f"{self.out_dir} already holds shards; write to an empty directory")
         self.docs_per_shard = docs_per_shard
         self.paths: list[Path] = []
@@ -348,7 +385,7 @@ class ShardWriter:
 
     def write(self, doc: Document) -> None:
         if self._out is None:
-            self._out = AtomicFile(self.out_dir / f"shard-{len(self.paths):05d}.jsonl.zst")
+            self._out = AtomicFile(self.out_dir / f"shard-{self.prefix}{len(self.paths):05d}.jsonl.zst")
             self._sink = self._cctx.stream_writer(self._out.file, closefd=False)
         # default=str: parquet meta can hold dates or decimals that JSON has no type for.
         line = json.dumps(doc.to_json(), ensure_ascii=False, default=str) + "\n"

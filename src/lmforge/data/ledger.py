@@ -35,6 +35,9 @@ class Ledger:
     def __init__(self, removed_path: Path | None = None, steps: Sequence[str] = ()):
         """`steps` fixes the step order for `check()`; steps first seen later are appended."""
         self.steps: list[str] = []
+        # Where the document being processed came from ({"file", "line"}), added to its removal record
+        # so every removal points back at its input.
+        self.origin: dict[str, Any] = {}
         self._counts: dict[str, dict[str, Counts]] = {}
         for step in steps:
             self._step(step)
@@ -89,8 +92,17 @@ class Ledger:
         cell.docs_removed += 1
         cell.bytes_removed += n_bytes
         if self._removed is not None:
-            record = {"id": doc_id, "source": source, "step": step, "reason": reason, "detail": detail or {}}
+            detail = {**self.origin, **(detail or {})}
+            record = {"id": doc_id, "source": source, "step": step, "reason": reason, "detail": detail}
             self._removed.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def add_counts(self, counts: dict[str, dict[str, dict[str, int]]]) -> None:
+        """Add another ledger's `to_json()["counts"]` (one task's part) to this one."""
+        for step, by_source in counts.items():
+            for source, c in by_source.items():
+                cell = self._cell(step, source)
+                for k, v in c.items():
+                    setattr(cell, k, getattr(cell, k) + v)
 
     def close(self) -> None:
         if self._removed is not None:

@@ -8,7 +8,8 @@ task. Both are fixed by the inputs alone, never by the worker that ran the task,
 - `map(docs, out)` runs once per task, in any process: it writes that task's signatures under the
   directory `out` (files only; nothing is returned, nothing is kept in memory across tasks).
 - `reduce(task_dirs, out)` runs once, in one process, after every map: it reads the signature
-  directories of all tasks (in task order) and writes its decisions under `out`, spilling to disk
+  directories of all tasks (`task_dirs[t]` is task t's `out` of map; a task with no documents left
+  still had its map run, on no documents) and writes its decisions under `out`, spilling to disk
   as it goes so memory stays bounded by what one band/bucket/shard needs, not by the corpus. It
   returns a small JSON-able summary for the report (clusters, removed, largest cluster, ...).
 - `load(out, task)` reads back the decisions that concern one task's documents (in the apply
@@ -17,7 +18,9 @@ task. Both are fixed by the inputs alone, never by the worker that ran the task,
   `(None, reason, detail)` to remove it. The detail of a removal explains it: the kept document's
   id and key, the cluster id and the estimated similarity, or the removed spans.
 
-A step never sees the ledger; the stage driver counts documents in and out and records removals.
+`out` always exists and is empty when map or reduce is called: the driver runs each in a temporary
+directory and renames it into place with a completion marker, so a killed run redoes only what
+was unfinished. A step never sees the ledger; the stage driver counts documents in and out and records removals.
 """
 
 from __future__ import annotations
@@ -42,6 +45,15 @@ def doc_key(task: int, index: int) -> int:
 
 def key_task(key: int) -> int:
     return key >> TASK_BITS
+
+
+class DedupAlarm(RuntimeError):
+    """A reduce found something a person should look at before output is written (a giant cluster,
+    most of a source removed); `report` is the step's summary. The stage stops, outputs untouched."""
+
+    def __init__(self, message: str, report: dict[str, Any]):
+        super().__init__(message)
+        self.report = report
 
 
 def register_dedup(name: str) -> Callable[[Any], Any]:

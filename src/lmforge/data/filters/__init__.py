@@ -8,15 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmforge.data.filters import seeds_rules  # noqa: F401 - imported to register its rules
+# Imported to register their rules.
+from lmforge.data.filters import c4, fineweb, gopher, langid, learned, pii, seeds_rules  # noqa: F401
 from lmforge.data.filters.base import FILTERS, Filter, FilterStep, OptionError, Rewriter, Transform
 from lmforge.errors import ConfigError
 
 __all__ = ["FILTERS", "Filter", "FilterStep", "Rewriter", "Transform", "build_filter"]
 
 
-def build_filter(spec: dict[str, Any], index: int) -> FilterStep:
+def build_filter(spec: dict[str, Any] | str, index: int) -> FilterStep:
     where = f"data.filters[{index}]"
+    if isinstance(spec, str):  # a bare name takes the rule's defaults
+        spec = {"name": spec}
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: expected a mapping like {{name: min_words}}, got {spec!r}")
     options = dict(spec)
