@@ -305,6 +305,8 @@ class GenerateConfig:
     temperature: float = 0.8
     top_k: int = 40
     top_p: float = 1.0
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context (CTRL's rule)
+    stop: list[str] = field(default_factory=list)  # generation ends at the first of these strings
 
 
 @dataclass
@@ -313,6 +315,9 @@ class EvalConfig:
     batch_size: int = 8
     checkpoint: str = ""  # "" -> latest
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    # Zero-shot tasks: JSONL files of {"id", "context", "choices": [...], "gold": k}; "builtin" adds
+    # the small task set made from the built-in corpus.
+    tasks: list[str] = field(default_factory=list)
 
 
 @dataclass
