@@ -21,7 +21,15 @@ from lmforge.data.dedup.lsh_plan import (
     memory_estimate,
     midpoint,
 )
-from lmforge.data.dedup.minhash import DedupAlarm, MinHashDedup, MinHasher, components, similarity, token_hashes
+from lmforge.data.dedup.minhash import (
+    DedupAlarm,
+    MinHashDedup,
+    MinHasher,
+    batch_token_hashes,
+    components,
+    similarity,
+    token_hashes,
+)
 from lmforge.data.document import Document
 
 CJK_BASE = 0x4E00
@@ -249,3 +257,12 @@ def test_key_task_routes_decisions(tmp_path: Path) -> None:
     removed.pop("__summary__")
     assert set(removed) == {"b", "c"} and {d["kept_key"] for d in removed.values()} == {doc_key(0, 0)}
     assert key_task(doc_key(2, 0)) == 2 and (tmp_path / "decisions" / "task000002.jsonl").exists()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from(list("abcXYZ é'-.,!? \n12") + ["今", "天", "。", "İ", "ß", "😀"]),
+                        max_size=40), min_size=1, max_size=6), st.sampled_from(["auto", "words", "chars"]))
+def test_a_text_hashes_the_same_alone_and_in_a_batch(texts: list[str], unit: str) -> None:
+    for text, (tokens, chars) in zip(texts, batch_token_hashes(texts, unit), strict=True):
+        alone, alone_chars = token_hashes(text, unit)
+        assert np.array_equal(tokens, alone) and chars == alone_chars

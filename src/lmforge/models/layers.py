@@ -74,16 +74,61 @@ class SwiGLU(nn.Module):
 
 @dataclass
 class KVCache:
-    """Keys and values of past positions per layer, for incremental decoding."""
+    """What incremental decoding keeps between forwards: per layer, the self-attention keys and
+    values of every past position and the cross-attention keys and values of the encoder output
+    (computed once); plus, shared by the layers, the cached keys' position ids and which of them are
+    real (left padding of a batch of unequal prompts is not). The model appends positions once per
+    forward (`append`), before its layers append their keys (`update`)."""
 
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
+    cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    positions: torch.Tensor | None = None  # [B or 1, S] long
+    valid: torch.Tensor | None = None  # [B, S] bool; None: every cached key is real
 
     @property
     def length(self) -> int:
-        return next(iter(self.keys.values())).shape[2] if self.keys else 0
+        return 0 if self.positions is None else self.positions.shape[1]
+
+    def next_positions(self, n: int, device: torch.device | str) -> torch.Tensor:
+        """Position ids [B or 1, n] continuing each row after its last cached key."""
+        steps = torch.arange(n, device=device)[None]
+        return steps if self.positions is None else self.positions[:, -1:] + 1 + steps
+
+    def append(self, positions: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Record the position ids [B or 1, T] (and realness [B, T], None = all real) of T new keys."""
+        old = self.length
+        if self.positions is None:
+            self.positions = positions
+        else:
+            rows = max(self.positions.shape[0], positions.shape[0])
+            self.positions = torch.cat([self.positions.expand(rows, -1), positions.expand(rows, -1)], dim=1)
+        if valid is None and self.valid is None:
+            return
+        if valid is None:
+            valid = torch.ones(self.valid.shape[0], positions.shape[1], dtype=torch.bool, device=positions.device)
+        if self.valid is None:
+            self.valid = torch.ones(valid.shape[0], old, dtype=torch.bool, device=valid.device)
+        self.valid = torch.cat([self.valid, valid], dim=1)
+
+    def allowed(self, n_new: int) -> torch.Tensor | None:
+        """Boolean [B or 1, 1, T, S] self-attention mask of the last `n_new` keys as queries: causal,
+        never onto padding (a padding query sees itself only, so no row of scores is all -inf). None
+        when the plain causal rule needs no tensor: no padding, and one query or nothing cached before
+        (lower it with causal_if_none = n_new > 1)."""
+        S = self.length
+        if self.valid is None and (n_new == 1 or n_new == S):
+            return None
+        device = self.positions.device
+        queries = torch.arange(S - n_new, S, device=device)[:, None]
+        keys = torch.arange(S, device=device)[None]
+        allowed = (keys <= queries)[None, None]
+        if self.valid is not None:
+            allowed = allowed & (self.valid[:, None, None, :] | (keys == queries))
+        return allowed
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append one layer's new keys and values [B, H, T, D]; return all of them."""
         if layer in self.keys:
             k = torch.cat([self.keys[layer], k], dim=2)
             v = torch.cat([self.values[layer], v], dim=2)
@@ -127,19 +172,22 @@ class Attention(nn.Module):
         layer_idx: int = 0,
     ) -> torch.Tensor:
         """x [B, T, d]; kv_input [B, S, kv_dim] for cross-attention (None: self-attention);
-        rope (cos, sin) rotates q and k (self-attention only)."""
+        rope (cos, sin) rotates q and k (self-attention only). With a cache, self-attention appends
+        its keys to it and attends to all cached ones; cross-attention projects kv_input once."""
         B, T, _ = x.shape
-        src = x if kv_input is None else kv_input
-        S = src.shape[1]
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(src).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(src).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if kv_input is not None and cache is not None and layer_idx in cache.cross:
+            k, v = cache.cross[layer_idx]  # the encoder output does not change while decoding
+        else:
+            k, v = self._project_kv(x if kv_input is None else kv_input)
         if rope is not None:
             cos, sin = rope
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
-        if cache is not None:
+        if cache is not None and kv_input is None:
             k, v = cache.update(layer_idx, k, v)
+        elif cache is not None:
+            cache.cross[layer_idx] = (k, v)
         grouped = self.n_kv_heads != self.n_heads
         if mask.block_mask is not None:
             y = flex_attend(q, k, v, mask.block_mask, mask.score_mod, self.scale, grouped)
@@ -157,6 +205,13 @@ class Attention(nn.Module):
                 attn_mask = attn_mask.to(q.dtype)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _project_kv(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """src [B, S, kv_dim] -> keys and values [B, n_kv_heads, S, head_dim]."""
+        B, S, _ = src.shape
+        k = self.k_proj(src).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(src).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
 
     def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
         """[B, n_kv_heads, S, D] -> [B, n_heads, S, D]; query head h reads kv head h // group, the
