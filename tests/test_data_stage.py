@@ -143,6 +143,11 @@ def test_a_dedup_alarm_stops_the_stage_before_any_output(tmp_path):
     with pytest.raises(DedupAlarm, match="over max_cluster=1"):
         run_data_stage(cfg, tmp_path / "out", progress=False)
     assert snapshot(tmp_path / "out") == before
+    big = corpus(tmp_path, files=2, per_file=60, seed=1)  # 120 documents: the share alarm's floor is 100
+    cfg = DataConfig(inputs=big, filters=[], dedup=["exact"], max_dedup_share=0.01)
+    with pytest.raises(DedupAlarm, match=r"exact_dedup would remove \d+ of 120 documents .* of source 'web'"):
+        run_data_stage(cfg, tmp_path / "out", progress=False)
+    assert snapshot(tmp_path / "out") == before
 
 
 def test_bad_records_are_quarantined_with_file_line_and_reason(tmp_path):
@@ -211,3 +216,22 @@ def test_sigkill_mid_stage_then_rerun_gives_the_same_bytes(tmp_path):
     done = subprocess.run([*args, out], env=env, capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert snapshot(tmp_path / "run" / "data") == snapshot(tmp_path / "clean" / "data")
+
+
+def test_plan_dedup_and_train_classifier_commands(tmp_path, capsys):
+    from lmforge.cli import main
+
+    assert main(["plan-dedup", "--docs", "2000000", "data.dedup=[{name: minhash, bands: 9, rows: 13}]"]) == 0
+    plan = capsys.readouterr().out
+    assert "9 bands x 13 rows = 117 permutations" in plan and "Memory for 2,000,000 documents" in plan
+    rng = random.Random(0)
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("".join(json.dumps({"text": prose(rng, 40)}) + "\n" for _ in range(60)))
+    bad.write_text("".join(json.dumps({"text": "buy cheap pills now " * 8}) + "\n" for _ in range(60)))
+    out = tmp_path / "clf"
+    assert main(["train-classifier", "--positive", str(good), "--negative", str(bad), "--out", str(out)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["heldout"]["accuracy"] >= 0.9 and (out / "classifier.json").is_file()
+    bad.write_text('{"text": "fine"}\n{"txt": "no text key"}\n')
+    assert main(["train-classifier", "--positive", str(good), "--negative", str(bad), "--out", str(out)]) == 1
+    assert f"{bad}:2" in capsys.readouterr().err

@@ -73,6 +73,10 @@ class DataConfig:
     workers: int = 0  # processes for the shard tasks; 0: every core
     executor: Literal["local", "ray"] = "local"  # ray: the same tasks on a Ray cluster (lmforge[ray])
     max_doc_bytes: int = 64 << 20  # one record larger than this is quarantined unread
+    # An alarm for every dedup step: one removing more than this share of a source's documents (of a
+    # source with >= 100 documents) stops the stage with a report before any output is written.
+    # 0 turns it off; minhash also has its own (max_removed_share, max_cluster).
+    max_dedup_share: float = 0.0
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lmforge.config import DataConfig
-from lmforge.data.dedup import DedupStep
+from lmforge.data.dedup import DedupAlarm, DedupStep
 from lmforge.data.document import Document
 from lmforge.data.executor import resolve_workers, run_tasks
 from lmforge.data.io import SHARD_GLOB, ShardWriter, read_documents
@@ -85,6 +85,8 @@ def run_data_stage(cfg: DataConfig, out_dir: Path, seed: int | None = None, prog
         results = run_tasks(run_round_task, args, workers, cfg.executor, f"data round {r}", progress)
         if r < len(steps):
             summaries[steps[r].name] = _reduce(steps[r], work, r, len(tasks))
+        if r > 0:
+            _check_share(cfg, work, r, tasks, step_names(cfg)[len(cfg.filters) + r])
     ledger, ledger_json, split = _assemble(cfg, work, tasks, len(steps), results, summaries, out_dir)
     shutil.rmtree(work, ignore_errors=True)
     totals = ledger.totals()
@@ -108,6 +110,25 @@ def _work_dir(cfg: DataConfig, out_dir: Path) -> Path:
         work.mkdir(parents=True)
         atomic_write_text(marker, fingerprint)
     return work
+
+
+def _check_share(cfg: DataConfig, work: Path, r: int, tasks: list, step: str) -> None:
+    """`data.max_dedup_share`: the dedup step applied in round `r` may not remove more than that share
+    of any source (of 100 documents or more); raised before anything is written to the output."""
+    if not cfg.max_dedup_share:
+        return
+    totals: dict[str, list[int]] = {}
+    for t in tasks:
+        counts = json.loads((round_dir(work, r, t.index) / "ledger.json").read_text(encoding="utf-8"))
+        for source, c in counts.get(step, {}).items():
+            row = totals.setdefault(source, [0, 0])
+            row[0] += c["docs_in"]
+            row[1] += c["docs_removed"]
+    for source, (n, removed) in sorted(totals.items()):
+        if n >= 100 and removed / n > cfg.max_dedup_share:
+            raise DedupAlarm(f"{step} would remove {removed} of {n} documents ({removed / n:.1%}) of source "
+                             f"{source!r}, over data.max_dedup_share={cfg.max_dedup_share}; nothing was written",
+                             {"step": step, "source": source, "docs": n, "removed": removed})
 
 
 def _reduce(step: DedupStep, work: Path, r: int, n_tasks: int) -> dict[str, Any]:

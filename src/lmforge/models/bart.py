@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.models.encoder_decoder import EncoderDecoderConfig, Seq2SeqModel
-from lmforge.models.layers import Attention, vocab_logits
+from lmforge.models.encoder_decoder import EncoderDecoderConfig, Seq2SeqModel, check_cacheable
+from lmforge.models.layers import Attention, KVCache, vocab_logits
 from lmforge.models.masks import AttnMask, cross_allowed, lower, self_allowed
 from lmforge.models.positions import default_positions
 from lmforge.objectives.base import AttentionLayout
@@ -38,8 +38,9 @@ class Layer(nn.Module):
         self.fc2 = nn.Linear(cfg.ff_dim, cfg.d_model)
         self.final_layer_norm = nn.LayerNorm(cfg.d_model, eps=cfg.eps)
 
-    def attend(self, x: torch.Tensor, mask: AttnMask) -> torch.Tensor:
-        return self.self_attn_layer_norm(x + self.self_attn(x, mask))
+    def attend(self, x: torch.Tensor, mask: AttnMask, cache: KVCache | None = None, layer_idx: int = 0
+               ) -> torch.Tensor:
+        return self.self_attn_layer_norm(x + self.self_attn(x, mask, cache=cache, layer_idx=layer_idx))
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Exact (erf) GELU: BART's activation_function "gelu"."""
@@ -59,10 +60,11 @@ class DecoderLayer(Layer):
         self.encoder_attn = Attention(cfg.d_model, cfg.n_heads, bias=True)
         self.encoder_attn_layer_norm = nn.LayerNorm(cfg.d_model, eps=cfg.eps)
 
-    def forward(self, x: torch.Tensor, encoder_out: torch.Tensor, self_mask: AttnMask, cross_mask: AttnMask
-                ) -> torch.Tensor:
-        x = self.attend(x, self_mask)
-        x = self.encoder_attn_layer_norm(x + self.encoder_attn(x, cross_mask, kv_input=encoder_out))
+    def forward(self, x: torch.Tensor, encoder_out: torch.Tensor, self_mask: AttnMask, cross_mask: AttnMask,
+                cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        x = self.attend(x, self_mask, cache, layer_idx)
+        cross = self.encoder_attn(x, cross_mask, kv_input=encoder_out, cache=cache, layer_idx=layer_idx)
+        x = self.encoder_attn_layer_norm(x + cross)
         return self.feed_forward(x)
 
 
@@ -129,16 +131,24 @@ class BartModel(Seq2SeqModel):
         layout: AttentionLayout | None = None,
         decoder_layout: AttentionLayout | None = None,
         decoder_position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """decoder_input_ids [B, T] attending to encoder_out [B, S, d] -> logits [B, T, vocab_size]. `layout`
-        is the encoder's: cross-attention keeps a decoder token on its own segment's encoder tokens."""
+        is the encoder's: cross-attention keeps a decoder token on its own segment's encoder tokens.
+        With a cache (one plain decoder row per example), the tokens follow the cached ones."""
         layout = layout or AttentionLayout(causal=False)
         decoder_layout = decoder_layout or AttentionLayout()
         T, S, device = decoder_input_ids.shape[1], encoder_out.shape[1], decoder_input_ids.device
-        self_mask = lower(self_allowed(decoder_layout, T, device), None, decoder_layout.causal, T, T, device)
+        if cache is not None:
+            check_cacheable(decoder_layout, decoder_position_ids)
+            decoder_position_ids = cache.next_positions(T, device)
+            cache.append(decoder_position_ids)
+            self_mask = lower(cache.allowed(T), None, T > 1, T, cache.length, device)
+        else:
+            self_mask = lower(self_allowed(decoder_layout, T, device), None, decoder_layout.causal, T, T, device)
         cross_mask = lower(cross_allowed(decoder_layout, layout, T, S, device), None, False, T, S, device)
         x = self.decoder.embed(self.shared(decoder_input_ids), decoder_position_ids)
-        for layer in self.decoder.layers:
-            x = layer(x, encoder_out, self_mask, cross_mask)
+        for i, layer in enumerate(self.decoder.layers):
+            x = layer(x, encoder_out, self_mask, cross_mask, cache, i)
         return vocab_logits(x, self.lm_head.weight) + self.final_logits_bias
 

@@ -122,36 +122,25 @@ class Decoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab_size]."""
-        T = input_ids.shape[1]
-        past = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = default_positions(T, input_ids.device, offset=past)
+        """input_ids [B, T] -> logits [B, T, vocab_size]. With a cache, the T tokens follow the cached
+        ones (positions continue each row's) and their keys are appended to it."""
+        T, device = input_ids.shape[1], input_ids.device
+        if cache is not None:
+            position_ids, mask = self._cached_mask(layout or AttentionLayout(), position_ids, T, cache, device)
+        else:
+            if position_ids is None:
+                position_ids = default_positions(T, device)
+            mask = self._mask(layout or AttentionLayout(), position_ids, T, device)
         x = self.embed_tokens(input_ids)
         if self.cfg.position == "learned":
             x = x + self.embed_positions(position_ids)
-        mask = self._mask(layout or AttentionLayout(), position_ids, T, past, input_ids.device)
         rope = self.rope(position_ids) if self.cfg.position == "rope" else None
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, rope, cache, i)
         return vocab_logits(self.norm(x), self.lm_head.weight)
 
-    def _mask(self, layout: AttentionLayout, positions: torch.Tensor, T: int, past: int,
-              device: torch.device) -> AttnMask:
+    def _mask(self, layout: AttentionLayout, positions: torch.Tensor, T: int, device: torch.device) -> AttnMask:
         """Built once per forward; None (the fused causal kernel) for the plain causal case."""
-        if past:  # cached decoding: new queries see every cached key and each other causally
-            if not layout.is_plain_causal:
-                raise ValueError("KV-cached decoding supports plain causal layouts only")
-            allowed = causal_allowed(T, past + T, device)
-            all_pos = default_positions(past + T, device)
-            if self.cfg.sliding_window:
-                dist = positions[:, :, None] - all_pos[:, None, :]
-                ok = dist < self.cfg.sliding_window
-                if self.cfg.attention_sinks:
-                    ok = ok | (all_pos[:, None, :] < self.cfg.attention_sinks)
-                allowed = allowed & ok[:, None]
-            bias = self.alibi(positions, all_pos) if self.alibi is not None else None
-            return lower(allowed, bias, False, T, past + T, device)
         window, sinks = self.cfg.sliding_window, self.cfg.attention_sinks
         if self.cfg.attention == "flex" and not (layout.is_plain_causal and window == 0 and self.alibi is None):
             score_mod = alibi_score_mod(self.alibi.slopes, positions) if self.alibi is not None else None
@@ -159,3 +148,27 @@ class Decoder(nn.Module):
         allowed = self_allowed(layout, T, device, positions, window, sinks)
         bias = self.alibi(positions, positions) if self.alibi is not None else None
         return lower(allowed, bias, layout.causal, T, T, device)
+
+    def _cached_mask(self, layout: AttentionLayout, positions: torch.Tensor | None, T: int, cache: KVCache,
+                     device: torch.device) -> tuple[torch.Tensor, AttnMask]:
+        """Positions of the T new tokens and their mask over every cached key. A layout may only mark
+        padding (segment id 0, e.g. the left padding of unequal prompts): one document per row."""
+        if not layout.causal or layout.prefix is not None:
+            raise ValueError("KV-cached decoding supports causal layouts without a prefix only")
+        valid = None
+        if layout.segment_ids is not None:
+            if bool((layout.segment_ids > 1).any()):
+                raise ValueError("KV-cached decoding takes one segment per row (segment ids 0 = padding, 1)")
+            valid = layout.segment_ids.to(device) != 0
+        if positions is None:
+            positions = cache.next_positions(T, device)
+        cache.append(positions, valid)
+        allowed, keys = cache.allowed(T), cache.positions
+        if self.cfg.sliding_window:
+            ok = positions[:, :, None] - keys[:, None, :] < self.cfg.sliding_window
+            if self.cfg.attention_sinks:
+                ok = ok | (keys[:, None, :] < self.cfg.attention_sinks)
+            causal = causal_allowed(T, cache.length, device) if allowed is None else allowed
+            allowed = causal & ok[:, None]
+        bias = self.alibi(positions, keys) if self.alibi is not None else None
+        return positions, lower(allowed, bias, T > 1, T, cache.length, device)

@@ -94,6 +94,14 @@ class Seq2SeqModel(nn.Module):
         return self.decode(decoder_input_ids, encoder_out, layout, decoder_layout, decoder_position_ids)
 
 
+def check_cacheable(decoder_layout: AttentionLayout, decoder_position_ids: torch.Tensor | None) -> None:
+    """Cached decoding continues one causal decoder row per example: no packed segments, no prefix, and
+    positions that follow the cache (so none are given)."""
+    plain = decoder_layout.is_plain_causal and decoder_position_ids is None
+    if not plain:
+        raise ValueError("KV-cached decoding takes a plain causal decoder layout and no decoder_position_ids")
+
+
 @ARCHITECTURES.register("encoder_decoder", config=EncoderDecoderConfig)
 def build_encoder_decoder(cfg: EncoderDecoderConfig) -> nn.Module:
     if cfg.variant == "t5":

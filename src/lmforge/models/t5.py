@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.models.encoder_decoder import EncoderDecoderConfig, Seq2SeqModel
-from lmforge.models.layers import Attention, RMSNorm, vocab_logits
+from lmforge.models.encoder_decoder import EncoderDecoderConfig, Seq2SeqModel, check_cacheable
+from lmforge.models.layers import Attention, KVCache, RMSNorm, vocab_logits
 from lmforge.models.masks import AttnMask, cross_allowed, lower, self_allowed
 from lmforge.models.positions import T5RelativeBias, default_positions
 from lmforge.objectives.base import AttentionLayout
@@ -48,11 +48,13 @@ class T5Block(nn.Module):
         self.mlp = GatedGelu(cfg.d_model, cfg.ff_dim)
 
     def forward(self, x: torch.Tensor, mask: AttnMask, memory: torch.Tensor | None = None,
-                cross_mask: AttnMask | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_norm(x), mask)
+                cross_mask: AttnMask | None = None, cache: KVCache | None = None, layer_idx: int = 0
+                ) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_norm(x), mask, cache=cache, layer_idx=layer_idx)
         if memory is not None:
             assert cross_mask is not None
-            x = x + self.cross_attn(self.cross_attn_norm(x), cross_mask, kv_input=memory)
+            x = x + self.cross_attn(self.cross_attn_norm(x), cross_mask, kv_input=memory, cache=cache,
+                                    layer_idx=layer_idx)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -76,10 +78,17 @@ class T5Stack(nn.Module):
         bias = self.relative_bias(positions, positions)
         return lower(self_allowed(layout, seq_len, device), bias, layout.causal, seq_len, seq_len, device)
 
+    def cached_mask(self, cache: KVCache, n_new: int, device: torch.device) -> AttnMask:
+        """Causal mask with this stack's bias for `n_new` decoder tokens following the cached ones."""
+        positions = cache.next_positions(n_new, device)
+        cache.append(positions)
+        bias = self.relative_bias(positions, cache.positions)
+        return lower(cache.allowed(n_new), bias, n_new > 1, n_new, cache.length, device)
+
     def forward(self, x: torch.Tensor, mask: AttnMask, memory: torch.Tensor | None = None,
-                cross_mask: AttnMask | None = None) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, mask, memory, cross_mask)
+                cross_mask: AttnMask | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, memory, cross_mask, cache, i)
         return self.final_norm(x)
 
 
@@ -139,15 +148,21 @@ class T5Model(Seq2SeqModel):
         layout: AttentionLayout | None = None,
         decoder_layout: AttentionLayout | None = None,
         decoder_position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """decoder_input_ids [B, T] attending to encoder_out [B, S, d] -> logits [B, T, V]. `layout`
-        is the encoder's: cross-attention keeps a decoder token on its own segment's encoder tokens."""
+        is the encoder's: cross-attention keeps a decoder token on its own segment's encoder tokens.
+        With a cache (one plain decoder row per example), the tokens follow the cached ones."""
         T, S, device = decoder_input_ids.shape[1], encoder_out.shape[1], decoder_input_ids.device
         layout = layout or AttentionLayout(causal=False)
         decoder_layout = decoder_layout or AttentionLayout(causal=True)
-        mask = self.decoder.self_mask(decoder_layout, decoder_position_ids, T, device)
+        if cache is not None:
+            check_cacheable(decoder_layout, decoder_position_ids)
+            mask = self.decoder.cached_mask(cache, T, device)
+        else:
+            mask = self.decoder.self_mask(decoder_layout, decoder_position_ids, T, device)
         cross_mask = lower(cross_allowed(decoder_layout, layout, T, S, device), None, False, T, S, device)
-        x = self.decoder(self.shared(decoder_input_ids), mask, encoder_out, cross_mask)
+        x = self.decoder(self.shared(decoder_input_ids), mask, encoder_out, cross_mask, cache)
         if self.cfg.tied:  # T5 rescales before the shared embedding matrix doubles as the output layer
             x = x * self.cfg.d_model**-0.5
         return vocab_logits(x, self.lm_head.weight)
