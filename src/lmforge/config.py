@@ -295,6 +295,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Weights, gradients and optimizer state stay fp32; bf16 / fp16 autocast the compute (fp16 with
     # dynamic loss scaling).
+    # Continual pretraining: start from this Hugging Face model directory (Llama, BERT, T5, BART);
+    # the model section is then the checkpoint's own. Pair with tokenizer.from=<the same dir>.
+    init_from: str = ""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     activation_checkpointing: Literal["none", "full", "selective"] = "none"  # recompute in backward to save memory
     compile: bool = False  # torch.compile each block

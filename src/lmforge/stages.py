@@ -165,6 +165,7 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
     d = setup(cfg.train.parallel.mode, resolve_device(cfg.train.device))
     _share_batch(cfg, d.data_world)
     train_ds, _ = _datasets(paths)
+    imported = _init_from(cfg)
     tokenizer_vocab = load_tokenizer(paths.tokenizer).get_vocab_size()
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer_vocab
@@ -178,7 +179,7 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
             f"{latest} was trained with another model config; use a new out_dir or train.resume=false"
         )
     torch.manual_seed(cfg.seed)  # every rank builds the same full model before it is split
-    model = build_model(cfg.model).to(d.device)
+    model = (imported if imported is not None else build_model(cfg.model)).to(d.device)
     n_params = count_params(model)
     model, pipeline = _parallel_model(cfg, model, d)
     objective = objective_for(cfg)
@@ -200,6 +201,22 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
         "checkpoint": str(find_latest(paths.checkpoints)),
         "data": {**trainer.loader.stats(), "utilisation": 1 - trainer.pad_tokens / max(trainer.tokens_seen, 1)},
     }
+
+
+def _init_from(cfg: RunConfig) -> torch.nn.Module | None:
+    """train.init_from: the imported model, whose config replaces the recipe's model section (a
+    checkpoint of this run, if any, is loaded over its weights by the trainer, as any resume)."""
+    if not cfg.train.init_from:
+        return None
+    from lmforge.export import import_hf
+
+    model, model_cfg = import_hf(Path(cfg.train.init_from))
+    cfg.model = model_cfg
+    model_cfg.validate("model")
+    if cfg.model.family not in cfg.objective.families:
+        raise ConfigError(f"train.init_from: {cfg.train.init_from} is a {cfg.model.family} model; objective "
+                          f"{cfg.objective.name!r} trains: {', '.join(cfg.objective.families)}")
+    return model
 
 
 def _share_batch(cfg: RunConfig, data_world: int) -> None:

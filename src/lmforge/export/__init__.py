@@ -35,3 +35,21 @@ def exporter_for(model_cfg: ModelConfig, objective_cfg: ObjectiveConfig) -> Expo
     if why:
         raise ValueError(f"cannot export to {exporter.name}: {why}")
     return exporter
+
+
+def import_hf(src: Path) -> tuple[Any, ModelConfig]:
+    """A Hugging Face model directory (Llama, BERT, T5 or BART) as our model and its config, fp32,
+    chosen by config.json's `model_type`."""
+    import json
+
+    from lmforge.export import bart, bert, hf, t5
+
+    importers = {"llama": hf.import_hf_llama, "bert": bert.import_hf_bert, "t5": t5.import_hf_t5,
+                 "bart": bart.import_hf_bart}
+    config = Path(src) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{src}: no config.json: not a Hugging Face model directory")
+    kind = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    if kind not in importers:
+        raise ValueError(f"{config}: model_type {kind!r} cannot be imported; known: {', '.join(importers)}")
+    return importers[kind](Path(src))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
+from tokenizers import Tokenizer
 
 from lmforge.config import ConfigError, RunConfig, to_dict
 from lmforge.finetune.data import (
@@ -26,7 +27,8 @@ from lmforge.finetune.data import (
     stratified_split,
 )
 from lmforge.finetune.model import Classifier
-from lmforge.io_utils import atomic_path, atomic_write_json
+from lmforge.io_utils import atomic_path, atomic_write_json, atomic_write_text
+from lmforge.tokenizer.special_tokens import SpecialTokens, load_special_tokens, save_special_tokens
 
 META_FILE = "finetune.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -55,7 +57,7 @@ def finetune(
     """Fine-tune `run` (its config, or its out_dir) on `train_jsonl`, hold out `holdout` of each
     class, and save the result to `out_dir` (replaced whole, atomically). Returns the metrics:
     accuracy, confusion, labels, train_loss (mean per epoch), n_train, n_heldout, out_dir."""
-    from lmforge.stages import load_trained
+    from lmforge.stages import RunPaths, load_trained
 
     cfg = _run_config(run)
     out_dir = _check_out_dir(Path(out_dir), cfg.out)
@@ -65,21 +67,20 @@ def finetune(
     targets = [names.index(label) for label in labels]
     train_idx, held_idx = stratified_split(targets, holdout, seed)
     body, trained, ckpt = load_trained(cfg)
-    tok, special = _tokenizer(cfg.out / "tokenizer" / TOKENIZER_FILE)
-    max_len = min(max_len, trained.model.max_seq_len)
-    rows = frame_rows(tok, texts, body.cfg.family, special, max_len)
-    pad = _pad_id(special)
-    torch.manual_seed(seed)
+    tok, special = _tokenizer(RunPaths(cfg.out).tokenizer)
+    max_len = min(max_len, trained.model.max_seq_len)  # learned position tables end there
+    rows, pad = frame_rows(tok, texts, body.cfg.family, special, max_len), _pad_id(special)
+    torch.manual_seed(seed)  # the head's init and dropout
     clf = Classifier(body, len(names), dropout).to(device)
-    if freeze_body:
-        clf.body.requires_grad_(False)
+    clf.body.requires_grad_(not freeze_body)
     losses = _train(clf, [rows[i] for i in train_idx], [targets[i] for i in train_idx], pad, epochs=epochs, lr=lr,
                     weight_decay=weight_decay, batch_size=batch_size, seed=seed, progress=progress)
     predicted = predict_indices(clf, [rows[i] for i in held_idx], pad, batch_size)
     metrics = {**score([targets[i] for i in held_idx], predicted, names), "train_loss": losses,
                "n_train": len(train_idx)}
-    meta = {"labels": names, "max_len": max_len, "dropout": dropout, "freeze_body": freeze_body, "lr": lr,
-            "epochs": epochs, "seed": seed, "source": {"run": str(cfg.out), "checkpoint": str(ckpt)},
+    settings = {"max_len": max_len, "dropout": dropout, "freeze_body": freeze_body, "lr": lr, "epochs": epochs,
+                "batch_size": batch_size, "seed": seed}
+    meta = {"labels": names, **settings, "source": {"run": str(cfg.out), "checkpoint": str(ckpt)},
             "metrics": metrics, "config": to_dict(trained)}
     _save(out_dir, clf, meta, tok, special)
     return {**metrics, "out_dir": str(out_dir)}
@@ -92,7 +93,7 @@ def predict(out_dir: Path, texts: list[str], *, batch_size: int = 32, device: st
     return [meta["labels"][i] for i in predict_indices(clf, rows, _pad_id(special), batch_size)]
 
 
-def load_classifier(out_dir: Path, device: str = "cpu") -> tuple[Classifier, dict[str, Any], Any, Any]:
+def load_classifier(out_dir: Path, device: str = "cpu") -> tuple[Classifier, dict[str, Any], Tokenizer, SpecialTokens]:
     """(classifier in eval mode, finetune.json, tokenizer, special tokens) of a finetune output."""
     from lmforge.models import build_model, materialize
     from lmforge.recipe import config_from_dict
@@ -163,11 +164,8 @@ def _train(clf: Classifier, rows: list[list[int]], targets: list[int], pad: int,
     return losses
 
 
-def _save(out_dir: Path, clf: Classifier, meta: dict[str, Any], tok: Any, special: Any) -> None:
+def _save(out_dir: Path, clf: Classifier, meta: dict[str, Any], tok: Tokenizer, special: SpecialTokens) -> None:
     """Everything into a temporary sibling, renamed into place: no half-written output survives."""
-    from lmforge.io_utils import atomic_write_text
-    from lmforge.tokenizer.special_tokens import save_special_tokens
-
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         save_model(clf, str(tmp / WEIGHTS_FILE))
@@ -199,14 +197,13 @@ def _check_args(epochs: int, batch_size: int, max_len: int) -> None:
             raise ConfigError(f"{name}: must be >= {least} (got {value})")
 
 
-def _tokenizer(path: Path) -> tuple[Any, Any]:
-    from lmforge.tokenizer.special_tokens import load_special_tokens
+def _tokenizer(path: Path) -> tuple[Tokenizer, SpecialTokens]:
     from lmforge.tokenizer.train import load_tokenizer
 
     tok = load_tokenizer(path)
     return tok, load_special_tokens(path, tok)
 
 
-def _pad_id(special: Any) -> int:
+def _pad_id(special: SpecialTokens) -> int:
     """Padding is masked out of attention and pooling, so any id works; the pad role when it exists."""
     return special.pad if special.pad is not None else special.eos

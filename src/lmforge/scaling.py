@@ -1,0 +1,484 @@
+"""E5: scaling laws. Train small models over a grid of sizes and token budgets (or read finished runs),
+fit L(N, D) = E + A/N^alpha + B/D^beta, and predict a larger run's loss with a bootstrap interval.
+
+N is the model's non-embedding parameter count (Kaplan et al. 2020): at the sizes a sweep can afford,
+the token embedding and output projection are most of the parameters but add little capacity, and
+counting them bends the small end of the curve. D is the tokens the run trained on (metrics.jsonl),
+L its validation loss (eval.json, nats/token), and compute C = 6·N·D.
+
+The fit is Hoffmann et al. (2022)'s: a Huber loss (delta 1e-3) between log L and
+log(E + A/N^alpha + B/D^beta) written as a log-sum-exp, minimised by L-BFGS from the best few points
+of a grid of initialisations. log N and log D are centred first, so A and alpha are not fit as two
+nearly collinear numbers. Everything is float64 and seeded: the same runs give the same fit.
+
+The compute-optimal frontier minimises L over N at fixed C with D = C/(6N), whose closed form is
+N_opt = G (C/6)^(beta/(alpha+beta)), D_opt = (C/6)^(alpha/(alpha+beta)) / G, G = (alpha A/(beta B))^(1/(alpha+beta)).
+A prediction's interval is the 5-95% range of the prediction over fits to runs resampled with replacement.
+
+Outputs in `<out_dir>/scaling/` (or --out): scaling.json (runs, fit, bootstrap, frontier, prediction)
+and scaling.png (loss against compute with the fitted curves and the frontier; N_opt against compute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.config import ConfigError, ModelConfig, RunConfig, parse_override
+from lmforge.io_utils import atomic_write_json
+from lmforge.sweep import SweepRun, prepare_shared, run_sweep
+
+N_FIT_PARAMS = 5  # E, A, B, alpha, beta
+MIN_RUNS = N_FIT_PARAMS + 1  # one more than the parameters, so a misfit can show at all
+HUBER_DELTA = 1e-3
+DEFAULT_SIZES = "32:1,64:2,96:3"
+DEFAULT_TOKENS = "100k,200k,400k"
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+@dataclass(frozen=True)
+class ScalingPoint:
+    """One finished run: N non-embedding parameters trained on D tokens reached validation loss L."""
+
+    name: str
+    params: int
+    tokens: int
+    loss: float
+    run_dir: str = ""
+
+    @property
+    def compute(self) -> float:
+        return 6.0 * self.params * self.tokens
+
+
+@dataclass(frozen=True)
+class ScalingFit:
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    objective: float  # mean Huber loss over the runs at the optimum (in units of delta)
+    n_runs: int
+
+    def loss(self, params: Any, tokens: Any) -> Any:
+        return self.E + self.A / np.power(params, self.alpha) + self.B / np.power(tokens, self.beta)
+
+    def compute_optimal(self, compute: Any) -> tuple[Any, Any, Any]:
+        """(N_opt, D_opt, L_opt) at compute C, from the closed form (module docstring)."""
+        if self.alpha <= 0 or self.beta <= 0:
+            raise ValueError(f"no compute-optimal frontier: the fit's exponents must be > 0 "
+                             f"(alpha {self.alpha:.3g}, beta {self.beta:.3g})")
+        s = self.alpha + self.beta
+        g = (self.alpha * self.A / (self.beta * self.B)) ** (1 / s)
+        n = g * np.power(np.asarray(compute, dtype=float) / 6, self.beta / s)
+        d = np.asarray(compute, dtype=float) / (6 * n)
+        return n, d, self.loss(n, d)
+
+    def to_json(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------- the fit
+
+
+def _objective(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean Huber loss per parameter row of theta (..., 5) = (a, b, e, alpha, beta) in centred logs."""
+    a, b, e, alpha, beta = theta.unbind(-1)
+    terms = torch.stack([a[..., None] - alpha[..., None] * x[0], b[..., None] - beta[..., None] * x[1],
+                         e[..., None].expand(*e.shape, x.shape[1])])
+    pred = torch.logsumexp(terms, 0)
+    huber = torch.nn.functional.huber_loss(pred, y.expand_as(pred), delta=HUBER_DELTA, reduction="none")
+    return huber.mean(-1) / HUBER_DELTA  # scaled to order 1, where L-BFGS's tolerances are meant to work
+
+
+def _grid() -> torch.Tensor:
+    """Initialisations: a, b are the logs of each reducible term at the mean N or D."""
+    axes = (np.linspace(-4, 2, 7), np.linspace(-4, 2, 7), np.linspace(-1, 2, 7), np.linspace(0, 2, 5),
+            np.linspace(0, 2, 5))
+    return torch.tensor(list(itertools.product(*axes)), dtype=torch.float64)
+
+
+def _lbfgs(theta0: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    theta = theta0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([theta], lr=1, max_iter=1000, tolerance_grad=1e-7, tolerance_change=1e-10,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        value = _objective(theta, x, y)
+        value.backward()
+        return value
+
+    opt.step(closure)
+    with torch.no_grad():
+        return theta.detach(), float(_objective(theta, x, y))
+
+
+def check_runs(params: Sequence[float], tokens: Sequence[float], losses: Sequence[float]) -> None:
+    """Refuse data the five parameters cannot be fit to, saying what is missing."""
+    n = len(losses)
+    if n < MIN_RUNS:
+        raise ConfigError(f"a scaling fit has {N_FIT_PARAMS} parameters (E, A, B, alpha, beta) and needs at least "
+                          f"{MIN_RUNS} finished runs; got {n} (e.g. 3 sizes x 2 token budgets)")
+    if not len(params) == len(tokens) == n:
+        raise ValueError(f"params, tokens and losses differ in length ({len(params)}, {len(tokens)}, {n})")
+    values = np.asarray([*params, *tokens, *losses], dtype=float)
+    if not np.all(np.isfinite(values) & (values > 0)):
+        raise ValueError("every run's parameters, tokens and loss must be finite and > 0")
+    if len(set(params)) < 2 or len(set(tokens)) < 2:
+        raise ConfigError(f"a scaling fit needs at least 2 model sizes and 2 token budgets; got {len(set(params))} "
+                          f"size(s) and {len(set(tokens))} budget(s)")
+
+
+def fit_scaling_law(params: Sequence[float], tokens: Sequence[float], losses: Sequence[float],
+                    starts: int = 8, init: ScalingFit | None = None) -> ScalingFit:
+    """Fit E + A/N^alpha + B/D^beta to runs; L-BFGS from the `starts` best grid points (or from `init`)."""
+    check_runs(params, tokens, losses)
+    logs = torch.tensor(np.log(np.asarray([params, tokens], dtype=float)), dtype=torch.float64)
+    centre = logs.mean(1)
+    x, y = logs - centre[:, None], torch.tensor(np.log(np.asarray(losses, dtype=float)), dtype=torch.float64)
+    if init is None:
+        grid = _grid()
+        inits = grid[torch.argsort(_objective(grid, x, y))[:starts]]
+    else:
+        inits = torch.tensor([[math.log(init.A) - init.alpha * centre[0], math.log(init.B) - init.beta * centre[1],
+                               math.log(init.E), init.alpha, init.beta]], dtype=torch.float64)
+    # min over (value, start index): a tie goes to the earlier start, so the result never depends on order of ties
+    (theta, value), _ = min(((_lbfgs(t, x, y), i) for i, t in enumerate(inits)), key=lambda r: (r[0][1], r[1]))
+    a, b, e, alpha, beta = theta.tolist()
+    return ScalingFit(E=math.exp(e), A=math.exp(a + alpha * float(centre[0])), B=math.exp(b + beta * float(centre[1])),
+                      alpha=alpha, beta=beta, objective=value, n_runs=len(losses))
+
+
+def bootstrap_fits(points: Sequence[ScalingPoint], fit: ScalingFit, n_boot: int = 200,
+                   seed: int = 0) -> list[ScalingFit]:
+    """Fits to `n_boot` resamples of the runs (with replacement), each started from the full fit.
+    Resamples left with one size or one budget cannot be fit and are dropped."""
+    rng = np.random.default_rng(seed)
+    fits = []
+    for _ in range(n_boot):
+        sample = [points[i] for i in rng.integers(0, len(points), len(points))]
+        if len({p.params for p in sample}) < 2 or len({p.tokens for p in sample}) < 2:
+            continue
+        fits.append(fit_scaling_law([p.params for p in sample], [p.tokens for p in sample],
+                                    [p.loss for p in sample], init=fit))
+    return fits
+
+
+def predict(fit: ScalingFit, boots: Sequence[ScalingFit], params: float, tokens: float,
+            level: tuple[float, float] = (5.0, 95.0)) -> dict[str, Any]:
+    """The fit's loss at (N, D), with the `level` percentiles of the bootstrap fits' predictions."""
+    spread = [float(b.loss(params, tokens)) for b in boots]
+    interval = [float(v) for v in np.percentile(spread, level)] if spread else None
+    return {"params": int(params), "tokens": int(tokens), "compute": 6.0 * params * tokens,
+            "loss": float(fit.loss(params, tokens)), "interval": interval, "level": list(level),
+            "n_bootstrap": len(spread)}
+
+
+# ---------------------------------------------------------------------------- sizes, budgets and runs
+
+
+def parse_count(text: str, what: str = "count") -> float:
+    """'300k', '1.5M', '2e9', '7B' -> a number (k, M, B or G, T; case ignored)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:e[+-]?\d+)?)\s*([kmbgt]?)\s*", text, re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise ConfigError(f"{what}: expected a positive number like 300k, 1.5M or 2e9 (got {text!r})")
+    return float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+
+
+def format_count(x: float) -> str:
+    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def non_embedding_params(model: ModelConfig) -> int:
+    """N of the scaling law, counted on the meta device (nothing allocated). The count leaves out the
+    vocabulary-sized tables, so a config whose vocab is still 0 (the tokenizer's) is counted with a stand-in."""
+    from lmforge.models import build_model, count_params
+
+    sized = dataclasses.replace(model, vocab_size=model.vocab_size or 256)
+    return count_params(build_model(sized, init=False), non_embedding=True)
+
+
+def _shape(model: ModelConfig, d_model: int, n_layers: int, n_heads: int | None = None) -> ModelConfig:
+    if not all(hasattr(model, k) for k in ("d_model", "n_layers", "n_heads")):
+        raise ConfigError(f"--sizes: model.arch {model.arch!r} has no d_model / n_layers / n_heads to scale")
+    heads = n_heads or max(1, d_model // 32)  # 32-wide heads: a common choice at these widths
+    if d_model % heads:
+        raise ConfigError(f"--sizes: {d_model} is not a multiple of {heads} heads: give d_model:n_layers:n_heads")
+    return dataclasses.replace(model, d_model=d_model, n_layers=n_layers, n_heads=heads)
+
+
+def shape_for_params(target: float, model: ModelConfig) -> ModelConfig:
+    """A shape with about `target` non-embedding parameters: d_model near 64 per layer (Kaplan et al. found
+    loss nearly flat across such aspect ratios), width in steps of 32 closest to the target on a log scale."""
+    layers = max(1, round((target / (12 * 64**2)) ** (1 / 3)))  # a SwiGLU block holds about 12 d_model^2
+    guess = math.sqrt(target / (12 * layers))
+    widths = sorted({max(32, 32 * round(guess * f / 32)) for f in (0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4)})
+    shapes = [_shape(model, d, layers) for d in widths]
+    return min(shapes, key=lambda s: abs(math.log(non_embedding_params(s) / target)))
+
+
+def parse_sizes(spec: str, model: ModelConfig) -> list[ModelConfig]:
+    """'64:2,128:4:4' (d_model:n_layers[:n_heads]) or parameter targets '100k,1M' (or both), in order."""
+    shapes = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if ":" not in item:
+            shapes.append(shape_for_params(parse_count(item, "--sizes"), model))
+            continue
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ConfigError(f"--sizes: expected d_model:n_layers[:n_heads] or a parameter count (got {item!r})")
+        shapes.append(_shape(model, *map(int, parts)))
+    return shapes
+
+
+def sweep_defaults(cfg: RunConfig) -> dict[str, Any]:
+    """Small-run settings; keys the user sets on the command line win (see `cli_main`). One batch shape
+    for every run, so a budget is a number of steps."""
+    return {"train.seq_len": min(128, cfg.model.max_seq_len), "train.batch_size": 16, "train.grad_accum": 1,
+            "train.batch_tokens": 0, "train.schedule.warmup_steps": 10, "eval.generate.max_new_tokens": 8}
+
+
+def plan_runs(cfg: RunConfig, shapes: Sequence[ModelConfig], budgets: Sequence[float],
+              defaults: dict[str, Any]) -> list[SweepRun]:
+    """One run per (shape, budget). The LR schedule ends at each run's own budget (Hoffmann et al.: a
+    cosine cut short overstates the loss), so every budget is a separate run, not a checkpoint of a longer one."""
+    if len(shapes) * len(budgets) < MIN_RUNS or len(shapes) < 2 or len(budgets) < 2:
+        raise ConfigError(f"a scaling fit has {N_FIT_PARAMS} parameters and needs at least {MIN_RUNS} runs over "
+                          f">= 2 sizes and >= 2 token budgets; {len(shapes)} size(s) x {len(budgets)} budget(s) "
+                          f"make {len(shapes) * len(budgets)}")
+
+    def setting(key: str, default: Any) -> Any:
+        return defaults.get(key, default)
+
+    tc = cfg.train
+    per_step = setting("train.batch_tokens", tc.batch_tokens) or (
+        setting("train.seq_len", tc.seq_len) * setting("train.batch_size", tc.batch_size)
+        * setting("train.grad_accum", tc.grad_accum))
+    warmup = setting("train.schedule.warmup_steps", tc.schedule.warmup_steps)
+    runs = []
+    for shape, budget in itertools.product(shapes, budgets):
+        steps = max(1, round(budget / per_step))
+        name = f"d{shape.d_model}-l{shape.n_layers}-h{shape.n_heads}-t{format_count(budget)}"
+        runs.append(SweepRun(name, {**defaults, "model.d_model": shape.d_model, "model.n_layers": shape.n_layers,
+                                    "model.n_heads": shape.n_heads, "train.max_steps": steps,
+                                    "train.checkpoint_every": steps,  # one checkpoint: resumed only when killed
+                                    "train.schedule.warmup_steps": min(warmup, steps // 4)}))
+    return runs
+
+
+def find_run_dirs(roots: Sequence[str | Path]) -> list[Path]:
+    """Run directories (holding eval.json): each root itself, else its children and its sweep/'s children."""
+    found: list[Path] = []
+    for root in map(Path, roots):
+        if (root / "eval.json").is_file():
+            found.append(root)
+        elif root.is_dir():
+            found += sorted(p.parent for sub in (root, root / "sweep") for p in sub.glob("*/eval.json"))
+        else:
+            raise FileNotFoundError(f"--runs-from: {root} is not a directory")
+    if not found:
+        where = ", ".join(map(str, roots))
+        raise FileNotFoundError(f"--runs-from: no finished run (a directory with eval.json) in {where}")
+    return list(dict.fromkeys(found))
+
+
+def read_run(run_dir: Path) -> ScalingPoint:
+    """A finished run's point: loss from eval.json, tokens from the last metrics.jsonl record, N from the
+    config train saved (config.yaml, vocabulary resolved) or else the run's recipe.yaml."""
+    from lmforge.recipe import load_config
+    from lmforge.train.metrics import MetricsLog
+
+    records = [r for r in MetricsLog(run_dir / "metrics.jsonl").read() if "tokens" in r]
+    if not records:
+        raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'}: no training records, so no token count for this run")
+    config = next((p for p in (run_dir / "config.yaml", run_dir / "recipe.yaml") if p.is_file()), None)
+    if config is None:
+        raise FileNotFoundError(f"{run_dir}: no config.yaml or recipe.yaml, so no model size for this run")
+    loss = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))["loss"]
+    return ScalingPoint(run_dir.name, non_embedding_params(load_config(config).model), int(records[-1]["tokens"]),
+                        float(loss), str(run_dir))
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def run_scaling_sweep(cfg: RunConfig, sizes: str, tokens: str, defaults: dict[str, Any], workers: int = 1,
+                      progress: bool = True) -> list[ScalingPoint]:
+    """Train (or read back) every size x budget through the sweep runner; the finished runs' points."""
+    budgets = [parse_count(t, "--tokens") for t in tokens.split(",") if t.strip()]
+    runs = plan_runs(cfg, parse_sizes(sizes, cfg.model), budgets, defaults)  # refuses too few runs before training
+    prepare_shared(cfg, progress)
+    results = run_sweep(cfg, runs, workers=workers, progress=progress)
+    return [read_run(Path(r.run_dir)) for r in results if r.ok]
+
+
+def frontier(fit: ScalingFit, computes: Sequence[float]) -> list[dict[str, float]]:
+    n, d, loss = fit.compute_optimal(np.asarray(computes, dtype=float))
+    return [{"compute": float(c), "params": float(p), "tokens": float(t), "loss": float(v)}
+            for c, p, t, v in zip(computes, n, d, loss, strict=True)]
+
+
+def scaling_law(
+    cfg: RunConfig,
+    sizes: str | None = None,
+    tokens: str | None = None,
+    runs_from: Sequence[str | Path] | None = None,
+    predict_at: tuple[float, float] | None = None,
+    out: str | Path | None = None,
+    n_boot: int = 200,
+    defaults: dict[str, Any] | None = None,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Sweep (or read `runs_from`), fit, predict; returns what scaling.json holds plus "table".
+    `predict_at`: (N, D); None predicts the compute-optimal run at 10x the largest run's compute."""
+    if runs_from and (sizes or tokens):
+        raise ConfigError("--runs-from reads finished runs: give it without --sizes and --tokens")
+    if runs_from:
+        points = [read_run(d) for d in find_run_dirs(runs_from)]
+    else:
+        points = run_scaling_sweep(cfg, sizes or DEFAULT_SIZES, tokens or DEFAULT_TOKENS,
+                                   sweep_defaults(cfg) if defaults is None else defaults, workers, progress)
+    fit = fit_scaling_law([p.params for p in points], [p.tokens for p in points], [p.loss for p in points])
+    boots = bootstrap_fits(points, fit, n_boot, seed=cfg.seed)
+    top = max(p.compute for p in points)
+    if predict_at is None:
+        n_opt, d_opt, _ = fit.compute_optimal(10 * top)
+        predict_at = (float(n_opt), float(d_opt))
+    prediction = predict(fit, boots, *predict_at)
+    computes = np.geomspace(min(p.compute for p in points) / 2, max(top, prediction["compute"]) * 2, 25)
+    result = {
+        "params_counted": "non-embedding (count_params(model, non_embedding=True))", "compute": "6 * N * D",
+        "runs": [{**dataclasses.asdict(p), "compute": p.compute, "fitted_loss": float(fit.loss(p.params, p.tokens))}
+                 for p in points],
+        "fit": fit.to_json(), "bootstrap": _bootstrap_summary(boots, n_boot),
+        "frontier": frontier(fit, computes.tolist()) if fit.alpha > 0 and fit.beta > 0 else [],
+        "prediction": prediction,
+    }
+    return _write_outputs(Path(out) if out else cfg.out / "scaling", result, points, fit)
+
+
+def _bootstrap_summary(boots: Sequence[ScalingFit], n_boot: int) -> dict[str, Any]:
+    names = ("E", "A", "B", "alpha", "beta")
+    quantiles = {k: [float(v) for v in np.percentile([getattr(b, k) for b in boots], (5, 50, 95))]
+                 for k in names} if boots else {}
+    return {"resamples": n_boot, "fitted": len(boots), "percentiles": [5, 50, 95], "params": quantiles}
+
+
+def _write_outputs(out_dir: Path, result: dict[str, Any], points: Sequence[ScalingPoint],
+                   fit: ScalingFit) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result["paths"] = {"json": str(out_dir / "scaling.json"), "plot": str(out_dir / "scaling.png")}
+    plot_scaling(points, fit, result["prediction"], out_dir / "scaling.png")
+    atomic_write_json(out_dir / "scaling.json", result)
+    result["table"] = format_report(result)
+    return result
+
+
+def format_report(result: dict[str, Any]) -> str:
+    lines = [f"{'run':<28}{'N (non-emb)':>12}{'D tokens':>10}{'C=6ND':>10}{'val loss':>10}{'fit':>9}"]
+    for r in result["runs"]:
+        lines.append(f"{r['name']:<28}{format_count(r['params']):>12}{format_count(r['tokens']):>10}"
+                     f"{r['compute']:>10.2e}{r['loss']:>10.4f}{r['fitted_loss']:>9.4f}")
+    f, q = result["fit"], result["bootstrap"]["params"]
+    lines.append(f"fit: L = {f['E']:.4g} + {f['A']:.4g}/N^{f['alpha']:.4f} + {f['B']:.4g}/D^{f['beta']:.4f} "
+                 f"({f['n_runs']} runs)")
+    if q:
+        lines.append(f"bootstrap 5-95%: alpha {q['alpha'][0]:.3f}-{q['alpha'][2]:.3f}, "
+                     f"beta {q['beta'][0]:.3f}-{q['beta'][2]:.3f}, E {q['E'][0]:.3f}-{q['E'][2]:.3f}")
+    p = result["prediction"]
+    interval = f" (5-95%: {p['interval'][0]:.4f}-{p['interval'][1]:.4f})" if p["interval"] else ""
+    lines.append(f"prediction: N {format_count(p['params'])}, D {format_count(p['tokens'])}, C {p['compute']:.2e}: "
+                 f"loss {p['loss']:.4f}{interval}")
+    return "\n".join(lines)
+
+
+def plot_scaling(points: Sequence[ScalingPoint], fit: ScalingFit, prediction: dict[str, Any], path: Path) -> Path:
+    """Left: loss against compute, each size's runs and fitted curve, the frontier and the prediction.
+    Right: the compute-optimal N against compute, with the runs' N. Figure + Agg canvas, not pyplot's
+    state, so the library never switches the caller's matplotlib backend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from lmforge.train.metrics import save_figure
+
+    fig = Figure(figsize=(11, 4.5))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_n = fig.subplots(1, 2)
+    sizes = sorted({p.params for p in points})
+    top = max(max(p.compute for p in points), prediction["compute"])
+    for i, n in enumerate(sizes):
+        mine = [p for p in points if p.params == n]
+        color = f"C{i % 10}"
+        ax_loss.scatter([p.compute for p in mine], [p.loss for p in mine], color=color, label=f"N {format_count(n)}")
+        d = np.geomspace(min(p.tokens for p in mine) / 2, max(p.tokens for p in mine) * 2, 50)
+        ax_loss.plot(6 * n * d, fit.loss(n, d), color=color, lw=0.8)
+        ax_n.scatter([p.compute for p in mine], [n] * len(mine), color=color)
+    if fit.alpha > 0 and fit.beta > 0:
+        c = np.geomspace(min(p.compute for p in points) / 2, top * 2, 100)
+        n_opt, _, l_opt = fit.compute_optimal(c)
+        ax_loss.plot(c, l_opt, "k--", lw=1.2, label="compute-optimal")
+        ax_n.plot(c, n_opt, "k--", lw=1.2, label="N_opt(C)")
+    low, high = prediction["interval"] or (prediction["loss"], prediction["loss"])
+    ax_loss.errorbar([prediction["compute"]], [prediction["loss"]], color="k", marker="*", ms=10, capsize=4,
+                     yerr=[[prediction["loss"] - low], [high - prediction["loss"]]], label="prediction (5-95%)")
+    ax_n.scatter([prediction["compute"]], [prediction["params"]], color="k", marker="*", s=80)
+    ax_loss.set(xscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="validation loss (nats/token)",
+                title=f"L = {fit.E:.3g} + {fit.A:.3g}/N^{fit.alpha:.3f} + {fit.B:.3g}/D^{fit.beta:.3f}")
+    ax_n.set(xscale="log", yscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="non-embedding parameters N",
+             title="compute-optimal model size")
+    for ax in (ax_loss, ax_n):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    return save_figure(fig, path, dpi=110)
+
+
+def add_cli_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--sizes", help=f"d_model:n_layers[:n_heads] or parameter targets, comma-separated "
+                                    f"(default {DEFAULT_SIZES})")
+    sp.add_argument("--tokens", help=f"training token budgets, comma-separated (default {DEFAULT_TOKENS})")
+    sp.add_argument("--runs-from", nargs="+", metavar="DIR",
+                    help="fit finished runs (directories with eval.json, or folders of them) instead of training")
+    sp.add_argument("--predict", metavar="N:D", help="predict the loss of N non-embedding parameters on D tokens, "
+                                                     "e.g. 10M:200M (default: compute-optimal at 10x the sweep)")
+    sp.add_argument("--out", help="directory for scaling.json and scaling.png (default <out_dir>/scaling)")
+    sp.add_argument("--bootstrap", type=int, default=200, help="resamples for the prediction's interval (default 200)")
+    sp.add_argument("--workers", type=int, default=1, help="runs trained at once, one process each (default 1)")
+    sp.add_argument("--no-sweep-defaults", action="store_true", help="train runs with the recipe's own settings")
+
+
+def parse_predict(spec: str) -> tuple[float, float]:
+    parts = spec.split(":")
+    if len(parts) != 2:
+        raise ConfigError(f"--predict: expected N:D, e.g. 10M:200M (got {spec!r})")
+    return parse_count(parts[0], "--predict N"), parse_count(parts[1], "--predict D")
+
+
+def cli_main(args: argparse.Namespace, cfg: RunConfig, progress: bool) -> int:
+    defaults: dict[str, Any] = {} if args.no_sweep_defaults else sweep_defaults(cfg)
+    # A key given on the command line is the user's choice for every run: drop the default.
+    given = [parse_override(o)[0] for o in args.overrides]
+    defaults = {k: v for k, v in defaults.items() if not any(k == g or k.startswith(f"{g}.") for g in given)}
+    result = scaling_law(cfg, args.sizes, args.tokens, args.runs_from,
+                         parse_predict(args.predict) if args.predict else None, args.out, args.bootstrap, defaults,
+                         args.workers, progress)
+    print(result["table"])
+    print(f"wrote {result['paths']['json']} and {result['paths']['plot']}", file=sys.stderr)
+    return 0
