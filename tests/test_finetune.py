@@ -204,10 +204,13 @@ def test_bad_lines_name_file_and_line(runs: dict[str, Path], tmp_path: Path, lin
         finetune(runs["decoder"], path, tmp_path / "ft")
 
 
-def test_a_single_label_is_refused(runs: dict[str, Path], tmp_path: Path) -> None:
+def test_a_single_label_or_no_file_is_refused(runs: dict[str, Path], tmp_path: Path) -> None:
     path = write_labelled(tmp_path / "one.jsonl", 10, ["food"])
     with pytest.raises(LabelledDataError, match="at least 2 distinct labels"):
         finetune(runs["decoder"], path, tmp_path / "ft")
+    with pytest.raises(FileNotFoundError, match="nothing.jsonl: labelled JSONL file not found"):
+        finetune(runs["decoder"], tmp_path / "nothing.jsonl", tmp_path / "ft")
+    assert not (tmp_path / "ft").exists()
 
 
 def test_out_dir_that_is_not_a_finetune_output_is_kept(runs: dict[str, Path], topics_jsonl: Path) -> None:

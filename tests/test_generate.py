@@ -242,12 +242,15 @@ def test_filters_on_fixed_logits() -> None:
 
 
 def test_repetition_penalty_changes_greedy_choice(tokenizer: Tokenizer) -> None:
-    # w3 (id 3) is the best token; once generated, a strong penalty hands the next step to w4.
-    model = FixedLogits(logits_from_probs({3: 0.6, 4: 0.4}), max_seq_len=32)
+    # Logits w3 2.0 > w4 1.5: divided by 1.5 once seen, w3 (1.33) falls behind w4; once both are seen,
+    # w3 leads again (1.33 > 1.0). Penalties do not compound: a token is seen or not.
+    logits = [-30.0] * len(VOCAB)
+    logits[3], logits[4] = 2.0, 1.5
+    model = FixedLogits(logits, max_seq_len=32)
     greedy = dict(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0)
     assert generate(model, tokenizer, "w9", **greedy).split() == ["w3"] * 4
-    assert generate(model, tokenizer, "w9", repetition_penalty=1.5, **greedy).split() == ["w3", "w4", "w4", "w4"]
-    assert generate(model, tokenizer, "w3", repetition_penalty=1.5, **greedy).split() == ["w4"] * 4
+    assert generate(model, tokenizer, "w9", repetition_penalty=1.5, **greedy).split() == ["w3", "w4", "w3", "w3"]
+    assert generate(model, tokenizer, "w3", repetition_penalty=1.5, **greedy).split() == ["w4", "w3", "w3", "w3"]
 
 
 def test_stop_strings_end_and_cut_the_text(tokenizer: Tokenizer) -> None:

@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     _extend_vocab_parser(sub)
     data_commands.add_parsers(sub)
+    from lmforge.finetune import add_cli_parser as add_finetune_parser
+
+    add_finetune_parser(sub)
     return p
 
 
@@ -121,6 +124,10 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
     done = data_commands.run(args, cfg)
     if done is not None:
         return done
+    if args.stage == "finetune":
+        from lmforge.finetune import cli_main as finetune_main
+
+        return finetune_main(args, cfg, progress)
     if args.stage == "generate":
         print(stages.stage_generate(cfg, args.prompt, fill_mask=args.fill_mask)["text"])
         return 0

@@ -322,6 +322,13 @@ class EvalConfig:
     batch_size: int = 8
     checkpoint: str = ""  # "" -> latest
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    # During training: validation loss per source every `every` steps (0: only `lmforge eval`), on
+    # `every_tokens` tokens of each source, logged as val_loss and val_loss/<source> in metrics.jsonl.
+    every: int = 0
+    every_tokens: int = 16384
+    # `lmforge eval` over several checkpoints: step numbers or checkpoint directories ("all": every
+    # kept one); writes eval_checkpoints.json and a loss-vs-tokens plot.
+    checkpoints: list[str] = field(default_factory=list)
     # Zero-shot tasks: JSONL files of {"id", "context", "choices": [...], "gold": k}; "builtin" adds
     # the small task set made from the built-in corpus.
     tasks: list[str] = field(default_factory=list)

@@ -187,7 +187,7 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
     if d.is_main:
         save_config(cfg, cfg.out / "config.yaml")
     trainer = Trainer(cfg, model, loader, objective, paths.checkpoints, paths.metrics, progress=progress, dist=d,
-                      pipeline=pipeline)
+                      pipeline=pipeline, evaluator=_periodic_eval(cfg, paths, objective, d, pipeline))
     t0 = time.perf_counter()
     result = trainer.fit(stop_after=stop_after)
     seconds = time.perf_counter() - t0
@@ -201,6 +201,28 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
         "checkpoint": str(find_latest(paths.checkpoints)),
         "data": {**trainer.loader.stats(), "utilisation": 1 - trainer.pad_tokens / max(trainer.tokens_seen, 1)},
     }
+
+
+def _periodic_eval(cfg: RunConfig, paths: RunPaths, objective: Any, d: Any, pipeline: Any) -> Any:
+    """eval.every: validation loss per source during training (every rank runs it: sharded models
+    need all of them for a forward; only rank 0 writes)."""
+    if not cfg.eval.every:
+        return None
+    if pipeline is not None:
+        raise ConfigError("eval.every: periodic evaluation does not run under train.parallel.mode=pp; "
+                          "evaluate checkpoints with `lmforge eval eval.checkpoints=all`")
+    from lmforge.eval.perplexity import evaluate_sources
+
+    _, val_ds = _datasets(paths)
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        with torch.no_grad():
+            m = evaluate_sources(model, val_ds, objective, cfg.train.seq_len, cfg.eval.batch_size,
+                                 cfg.eval.every_tokens, d.device)
+        model.train()
+        return {"val_loss": m["loss"], **{f"val_loss/{k}": v["loss"] for k, v in m.get("sources", {}).items()}}
+
+    return evaluate
 
 
 def _init_from(cfg: RunConfig) -> torch.nn.Module | None:
@@ -275,6 +297,10 @@ def stage_eval(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     from lmforge.eval.perplexity import evaluate_sources, unigram_cross_entropy
     from lmforge.train.trainer import resolve_device
 
+    if cfg.eval.checkpoints:
+        from lmforge.eval.checkpoints import evaluate_checkpoints
+
+        return evaluate_checkpoints(cfg, progress)
     paths = RunPaths(cfg.out)
     model, trained, ckpt = load_trained(cfg)
     device = resolve_device(cfg.train.device)

@@ -215,7 +215,7 @@ def _forward(model: nn.Module, batch: list[_Row], family: str, device: str | tor
     ids, real = _padded([r.inputs for r in batch], device)
     if family == "decoder":
         return model_logits(model(ids))
-    layout = AttentionLayout(causal=False)
+    layout = AttentionLayout(causal=False, segment_ids=real)
     if family == "encoder":
         return model_logits(model(ids, layout))
     decoder_ids, _ = _padded([r.decoder or [] for r in batch], device)

@@ -23,6 +23,8 @@ class LabelledDataError(ConfigError):
 
 def read_labelled(path: Path, text_key: str = "text", label_key: str = "label") -> tuple[list[str], list[Label]]:
     """Texts and labels of a JSONL file, one object per line; blank lines are skipped."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: labelled JSONL file not found")
     texts: list[str] = []
     labels: list[Label] = []
     with open(path, encoding="utf-8") as f:

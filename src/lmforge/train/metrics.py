@@ -291,6 +291,22 @@ class TrainMonitor:
             self.bar.update(1)
         return record
 
+    def extra(self, record: dict[str, Any], evaluate: Callable[[nn.Module], dict[str, float]],
+              model: nn.Module) -> None:
+        """Periodic evaluation after step `record["step"]`: its own line in the logs, with the step
+        and tokens; its time is left out of the next tokens/s."""
+        start = time.perf_counter()
+        values = evaluate(model)
+        seconds = time.perf_counter() - start
+        self.t_last += seconds
+        out = {"step": record["step"], "tokens": record["tokens"], **values, "eval_s": seconds}
+        self.log.write(out)
+        if self.tensorboard is not None:
+            self.tensorboard.write(out)
+        if self.mode == "lines":
+            print(f"step {out['step']}  " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()),
+                  file=sys.stderr, flush=True)
+
     def _rates(self, record: dict[str, Any], now: float) -> None:
         elapsed = max(now - self.t_last, 1e-9)
         tok_s = (record["tokens"] - self.tokens_last) / elapsed

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -83,8 +84,11 @@ class Trainer:
         progress: bool = True,
         dist: Dist | None = None,
         pipeline: Any = None,
+        evaluator: Callable[[nn.Module], dict[str, float]] | None = None,
     ):
         self.cfg, self.tc = cfg, cfg.train
+        # Validation metrics every eval.every steps (and at the last), logged beside the training loss.
+        self.evaluator = evaluator
         # Built outside (train.parallel): the process's place in the job; `pipeline` runs pp stages.
         self.dist = dist or Dist(device=resolve_device(self.tc.device))
         self.pipeline = pipeline
@@ -188,6 +192,9 @@ class Trainer:
                     result.losses = {s: v for s, v in result.losses.items() if s <= self.step}
                     continue
                 result.losses[self.step] = record["loss"]
+                if self.evaluator is not None and (self.step % self.cfg.eval.every == 0
+                                                   or self.step == self.tc.max_steps):
+                    monitor.extra(record, self.evaluator, self.model)
                 if self.step % self.tc.checkpoint_every == 0 or self.step == self.tc.max_steps:
                     self.save()
                 if stop_after is not None and self.step >= stop_after:
