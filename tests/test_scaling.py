@@ -55,13 +55,13 @@ def test_exponents_are_recovered_from_noisy_losses_and_the_fit_is_deterministic(
     data = synthetic(0.005, seed)
     fit = fit_scaling_law(*data)
     assert abs(fit.alpha - TRUE["alpha"]) < 0.05 and abs(fit.beta - TRUE["beta"]) < 0.05
-    assert fit.E == pytest.approx(TRUE["E"], abs=0.3)
+    assert abs(fit.E - TRUE["E"]) < 0.3
     assert fit_scaling_law(*data) == fit
 
 
 def test_a_prediction_carries_a_bootstrap_interval_around_it() -> None:
     n, d, loss = synthetic(0.005)
-    points = [ScalingPoint(str(i), int(a), int(b), float(c)) for i, (a, b, c) in enumerate(zip(n, d, loss))]
+    points = [ScalingPoint(str(i), int(a), int(b), float(c)) for i, (a, b, c) in enumerate(zip(n, d, loss, strict=True))]
     fit = fit_scaling_law(n, d, loss)
     boots = bootstrap_fits(points, fit, n_boot=20, seed=0)
     assert len(boots) == 20 and len({b.alpha for b in boots}) > 1  # resamples differ
@@ -178,7 +178,7 @@ def test_a_fit_from_finished_runs_writes_its_json_and_plot(tmp_path: Path) -> No
 
 # ---------------------------------------------------------------------------- end to end
 
-TINY = ["tokenizer.vocab_size=300", "data.builtin.max_prose_bytes=150000", "data.builtin.max_code_bytes=150000",
+TINY = ["tokenizer.vocab_size=400", "data.builtin.max_prose_bytes=150000", "data.builtin.max_code_bytes=150000",
         "data.val_fraction=0.05", "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=4",
         "train.log_every=5", "eval.max_tokens=256", "eval.generate.max_new_tokens=2"]
 

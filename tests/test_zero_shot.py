@@ -340,6 +340,16 @@ def test_builtin_task_is_deterministic_and_true_to_its_documents(tmp_path: Path)
     assert other.read_bytes() != first.read_bytes()
 
 
+def test_builtin_task_leaves_out_passages_found_in_training(tmp_path: Path) -> None:
+    docs = synthetic_documents(15)
+    seen = docs[4].text.split()[:CONTEXT_WORDS + CHOICE_WORDS]
+    training = ["intro " + " ".join(seen[5:18]) + " outro"]  # 13 words of doc4's first passage
+    items, _ = load_tasks(builtin_task_file(tmp_path, docs, n_items=100, exclude=training))
+    ids = {it.id for it in items}
+    assert "doc4#0" not in ids and "doc5#0" in ids
+    assert contamination([tmp_path / "builtin_continuation.jsonl"], training)["builtin_continuation"]["contaminated"] == 0
+
+
 def test_builtin_task_from_the_builtin_corpus_is_fast_and_sized(tmp_path: Path) -> None:
     docs = list(iter_builtin_corpus(BuiltinCorpusConfig(max_prose_bytes=60_000, max_code_bytes=0)))
     items, problems = load_tasks(builtin_task_file(tmp_path, docs, n_items=300))

@@ -7,6 +7,9 @@ The Python API, imported lazily so `import lmforge` stays cheap:
     lmforge.run(cfg)                      # every stage; or lmforge.stages.stage_train(cfg) etc.
     model = lmforge.build_model(cfg.model)
     lmforge.mixture_search(cfg, grid_step=0.25)   # proxies on candidate mixtures; the best as a fragment
+    lmforge.run_data_stage(cfg.data, "runs/web/data")   # cleaning alone: filters, PII, dedup, ledger
+    lmforge.train_classifier([good], [bad], "models/quality")   # for quality_classifier / toxicity
+    lmforge.finetune("runs/demo", "labels.jsonl", "runs/demo-cls")   # a classification head
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ _API = {
     "resize_token_embeddings": "lmforge.models.resize",
     "mixture_search": "lmforge",
     "stages": "lmforge",
+    "run_data_stage": "lmforge.data.pipeline",
+    "train_classifier": "lmforge.data.classifier",
+    "load_classifier": "lmforge.data.classifier",
+    "plan_dedup": "lmforge.data.dedup.lsh_plan",
+    "import_hf": "lmforge.export",
+    "finetune": "lmforge.finetune",
+    "predict": "lmforge.finetune",
+    "evaluate_checkpoints": "lmforge.eval.checkpoints",
 }
 
 
@@ -36,6 +47,7 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'lmforge' has no attribute {name!r}")
     if name in ("stages", "mixture_search"):  # submodules; mixture_search's module calls its function
         return importlib.import_module(f"lmforge.{name}")
-    value = getattr(importlib.import_module(_API[name]), "run_all" if name == "run" else name)
+    attr = {"run": "run_all", "plan_dedup": "format_plan"}.get(name, name)
+    value = getattr(importlib.import_module(_API[name]), attr)
     globals()[name] = value
     return value

@@ -4,8 +4,9 @@ every run, `make demo` included, reports a zero-shot accuracy without downloadin
 `continuation`: a passage's first CONTEXT_WORDS words are the context; the true next CHOICE_WORDS words
 and the same span of 3 other documents are the 4 choices. Whitespace is collapsed to single spaces, so
 a choice's length in characters measures its words alike. Deterministic for given documents and seed.
-Pass held-out documents (the run's `data/val`): passages the model trained on make the task a
-memorisation test, which `contamination` reports.
+Pass held-out documents (the run's `data/val`) and the training documents as `exclude`: the standard
+library repeats itself (a docstring is also inside its module's source, `_pyio` copies `io`), so even
+held-out passages can be in the training set, which would make the task a memorisation test.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lmforge.data.document import Document
+from lmforge.eval.contamination import overlapping
 from lmforge.io_utils import atomic_write_text
 
 TASK_NAME = "builtin_continuation"
@@ -58,9 +61,14 @@ def _collect(documents: Iterable[Document]) -> list[_Passage]:
     return passages
 
 
-def build_items(documents: Iterable[Document], n_items: int = 200, seed: int = 0) -> list[dict[str, object]]:
-    """Task records `{"id", "context", "choices", "gold"}`; distractors are other documents' spans."""
+def build_items(documents: Iterable[Document], n_items: int = 200, seed: int = 0,
+                exclude: Iterable[Any] | None = None) -> list[dict[str, object]]:
+    """Task records `{"id", "context", "choices", "gold"}`; distractors are other documents' spans.
+    Passages sharing a 13-gram with an `exclude` document (the training set) are left out."""
     passages = _collect(documents)
+    if exclude is not None:
+        dirty = overlapping([p.context + p.continuation for p in passages], exclude)
+        passages = [p for i, p in enumerate(passages) if i not in dirty]
     docs = {_doc_id(p) for p in passages}
     if len(docs) < N_CHOICES:
         raise ValueError(f"the built-in task needs passages of {CONTEXT_WORDS + CHOICE_WORDS}+ words from at "
@@ -94,9 +102,11 @@ def _item(passages: list[_Passage], i: int, rng: random.Random) -> dict[str, obj
     return {"id": gold.id, "context": gold.context, "choices": choices, "gold": choices.index(gold.continuation)}
 
 
-def builtin_task_file(out_dir: str | Path, documents: Iterable[Document], n_items: int = 200, seed: int = 0) -> Path:
-    """Write `out_dir/builtin_continuation.jsonl` (see the module docstring) and return its path."""
-    items = build_items(documents, n_items, seed)
+def builtin_task_file(out_dir: str | Path, documents: Iterable[Document], n_items: int = 200, seed: int = 0,
+                      exclude: Iterable[Any] | None = None) -> Path:
+    """Write `out_dir/builtin_continuation.jsonl` (see the module docstring and build_items) and return
+    its path. Raises ValueError when the documents give passages from fewer than 4 documents."""
+    items = build_items(documents, n_items, seed, exclude)
     path = Path(out_dir) / f"{TASK_NAME}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))

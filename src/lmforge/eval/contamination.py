@@ -10,7 +10,7 @@ stream past once, so memory stays bounded by the tasks, not the corpus.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,27 +38,33 @@ def item_text(item: TaskItem) -> str:
     return item.context + item.choices[item.gold]
 
 
-def contamination(task_paths: Iterable[str | Path], train_docs: Iterable[Any], n: int = 13) -> dict[str, Any]:
-    """Per task (keyed as evaluate_tasks keys it): items (valid ones), contaminated (items sharing an n-gram with the
-    training documents), share, too_short (items under n words, which cannot match) and
-    contaminated_ids (the first MAX_LISTED). `train_docs` yields strings or objects with `.text`
-    (Documents); it is read once."""
+def overlapping(texts: Sequence[str], train_docs: Iterable[Any], n: int = 13) -> set[int]:
+    """Indices of the texts that share an n-gram with a training document. `train_docs` yields strings or
+    objects with `.text` (Documents) and is read once."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    tasks = {name: load_tasks(path)[0] for name, path in task_names(task_paths).items()}
-    owners: dict[NGram, set[tuple[str, int]]] = {}  # n-gram -> (task, item index) that contain it
-    for name, items in tasks.items():
-        for i, item in enumerate(items):
-            for gram in ngrams(words(item_text(item)), n):
-                owners.setdefault(gram, set()).add((name, i))
-    hit: set[tuple[str, int]] = set()
-    for doc in train_docs:
-        text = doc if isinstance(doc, str) else doc.text
+    owners: dict[NGram, set[int]] = {}  # n-gram -> the texts that contain it
+    for i, text in enumerate(texts):
         for gram in ngrams(words(text), n):
-            found = owners.pop(gram, None)  # popped: a found n-gram needs no second look
-            if found:
-                hit |= found
-    return {name: _report(name, items, hit, n) for name, items in tasks.items()}
+            owners.setdefault(gram, set()).add(i)
+    hit: set[int] = set()
+    for doc in train_docs:
+        if not owners:
+            break  # every n-gram found: the rest of the corpus cannot add a text
+        for gram in ngrams(words(doc if isinstance(doc, str) else doc.text), n):
+            hit |= owners.pop(gram, set())  # popped: a found n-gram needs no second look
+    return hit
+
+
+def contamination(task_paths: Iterable[str | Path], train_docs: Iterable[Any], n: int = 13) -> dict[str, Any]:
+    """Per task (keyed as evaluate_tasks keys it): items (valid ones), contaminated (items sharing an
+    n-gram with the training documents), share, too_short (items under n words, which cannot match),
+    ngram (n) and contaminated_ids (the first MAX_LISTED)."""
+    tasks = {name: load_tasks(path)[0] for name, path in task_names(task_paths).items()}
+    keys = [(name, i) for name, items in tasks.items() for i in range(len(items))]
+    hit = overlapping([item_text(tasks[name][i]) for name, i in keys], train_docs, n)
+    dirty = {keys[k] for k in hit}
+    return {name: _report(name, items, dirty, n) for name, items in tasks.items()}
 
 
 def _report(name: str, items: list[TaskItem], hit: set[tuple[str, int]], n: int) -> dict[str, Any]:
