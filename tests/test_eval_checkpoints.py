@@ -43,3 +43,23 @@ def test_periodic_validation_and_a_checkpoint_sweep(tmp_path, capsys):
     assert rows[-1]["loss"] == pytest.approx(rows[-1]["loss"])
     assert main(["eval", "--quiet", *args, "eval.checkpoints=[2, 9]"]) == 2
     assert "'9' is not a checkpoint" in capsys.readouterr().err
+
+
+def test_eval_reports_zero_shot_tasks_with_contamination(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    words = ["the", "model", "reads", "data", "and", "learns", "what", "comes", "next", "in", "order", "to"]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "text": " ".join(rng.choice(words, 60))}) + "\n"
+                              for i in range(300)))
+    task = tmp_path / "mine.jsonl"
+    task.write_text("\n".join(json.dumps({"id": str(i), "context": "the model reads", "choices": [" data", " zzz"],
+                                          "gold": 0}) for i in range(4)) + "\n" + '{"id": "bad", "choices": []}\n')
+    run = tmp_path / "run"
+    args = [f"out_dir={run}", f"data.inputs={corpus}", *TINY, "data.val_fraction=0.2"]
+    assert main(["run", "--quiet", *args, f"eval.tasks=[builtin, {task}]"]) == 0
+    metrics = json.loads((run / "eval.json").read_text())
+    mine = metrics["zero_shot"]["mine"]
+    assert mine["n"] == 4 and mine["skipped"] == 1 and f"{task}:5" in mine["problems"][0]
+    assert 0 <= mine["acc"] <= 1 and "acc_norm_stderr" in mine
+    assert metrics["zero_shot"]["builtin_continuation"]["n"] > 0
+    assert metrics["contamination"]["mine"]["items"] == 4

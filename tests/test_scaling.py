@@ -59,16 +59,25 @@ def test_exponents_are_recovered_from_noisy_losses_and_the_fit_is_deterministic(
     assert fit_scaling_law(*data) == fit
 
 
-def test_a_prediction_carries_a_bootstrap_interval_around_it() -> None:
+def points_of(n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> list[ScalingPoint]:
+    return [ScalingPoint(str(i), int(a), int(b), float(c)) for i, (a, b, c) in enumerate(zip(n, d, loss, strict=True))]
+
+
+def test_a_prediction_carries_a_bootstrap_interval_that_widens_with_extrapolation() -> None:
     n, d, loss = synthetic(0.005)
-    points = [ScalingPoint(str(i), int(a), int(b), float(c)) for i, (a, b, c) in enumerate(zip(n, d, loss, strict=True))]
     fit = fit_scaling_law(n, d, loss)
-    boots = bootstrap_fits(points, fit, n_boot=20, seed=0)
+    boots = bootstrap_fits(points_of(n, d, loss), fit, n_boot=20, seed=0)
     assert len(boots) == 20 and len({b.alpha for b in boots}) > 1  # resamples differ
-    p = predict(fit, boots, 1e9, 1e11)
-    low, high = p["interval"]
-    assert low < p["loss"] < high and low < law(1e9, 1e11) < high
-    assert p["compute"] == pytest.approx(6e20)
+    near, far = predict(fit, boots, 1e8, 1e10), predict(fit, boots, 1e10, 1e12)
+    for p in (near, far):
+        low, high = p["interval"]
+        assert low < p["loss"] < high
+    assert np.diff(far["interval"]) > 2 * np.diff(near["interval"]) and far["compute"] == pytest.approx(6e22)
+    # Without noise every resample fits the law itself: the interval closes on the true loss.
+    n, d, loss = synthetic(0.0)
+    exact = fit_scaling_law(n, d, loss)
+    p = predict(exact, bootstrap_fits(points_of(n, d, loss), exact, n_boot=5), 1e10, 1e12)
+    assert p["interval"] == pytest.approx([law(1e10, 1e12)] * 2, rel=1e-3)
 
 
 def test_fewer_runs_than_the_fit_needs_are_refused_saying_how_many() -> None:
@@ -108,6 +117,8 @@ def test_counts_and_sizes_parse_and_bad_ones_name_the_flag() -> None:
     assert 0.8e6 < count_params(big, non_embedding=True) < 1.25e6  # a parameter target lands near it
     with pytest.raises(ConfigError, match="--sizes: expected d_model:n_layers"):
         parse_sizes("64x2", model)
+    with pytest.raises(ConfigError, match="--sizes: expected d_model:n_layers"):
+        parse_sizes("64:2:0", model)
 
 
 def test_each_run_trains_its_own_budget_with_the_schedule_ending_there() -> None:
@@ -200,7 +211,7 @@ def test_a_tiny_sweep_on_the_builtin_corpus_fits_and_predicts(tmp_path: Path, ca
     printed = capsys.readouterr().out
     res = json.loads((out / "scaling" / "scaling.json").read_text())
     assert [r["name"] for r in res["runs"]] == [f"d{d}-l1-h{h}-t{t}" for d, h in ((16, 2), (32, 1))
-                                                 for t in ("640", "1.28k", "1.92k")]
+                                                 for t in ("640", "1.28k", "1.92k")]  # by size, then tokens
     assert [r["tokens"] for r in res["runs"]] == [640, 1280, 1920] * 2  # 5, 10, 15 steps of 4 x 32 tokens
     assert all(r["loss"] > 0 for r in res["runs"]) and res["runs"][0]["params"] < res["runs"][3]["params"]
     assert res["prediction"]["params"] == 10**6 and "prediction: N 1M, D 10M" in printed

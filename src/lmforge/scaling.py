@@ -238,13 +238,17 @@ def parse_sizes(spec: str, model: ModelConfig) -> list[ModelConfig]:
     """'64:2,128:4:4' (d_model:n_layers[:n_heads]) or parameter targets '100k,1M' (or both), in order."""
     shapes = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        if ":" not in item:
-            shapes.append(shape_for_params(parse_count(item, "--sizes"), model))
-            continue
+        bad = ConfigError(f"--sizes: expected d_model:n_layers[:n_heads] or a parameter count like 1M (got {item!r})")
         parts = item.split(":")
-        if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ConfigError(f"--sizes: expected d_model:n_layers[:n_heads] or a parameter count (got {item!r})")
-        shapes.append(_shape(model, *map(int, parts)))
+        if len(parts) == 1:
+            try:
+                shapes.append(shape_for_params(parse_count(item), model))
+            except ConfigError:
+                raise bad from None
+        elif len(parts) in (2, 3) and all(p.isdigit() and int(p) > 0 for p in parts):
+            shapes.append(_shape(model, *map(int, parts)))
+        else:
+            raise bad
     return shapes
 
 
@@ -356,6 +360,7 @@ def scaling_law(
     else:
         points = run_scaling_sweep(cfg, sizes or DEFAULT_SIZES, tokens or DEFAULT_TOKENS,
                                    sweep_defaults(cfg) if defaults is None else defaults, workers, progress)
+    points = sorted(points, key=lambda p: (p.params, p.tokens, p.name))  # the fit must not depend on run order
     fit = fit_scaling_law([p.params for p in points], [p.tokens for p in points], [p.loss for p in points])
     boots = bootstrap_fits(points, fit, n_boot, seed=cfg.seed)
     top = max(p.compute for p in points)

@@ -321,11 +321,41 @@ def stage_eval(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     metrics["unigram_loss"] = unigram_cross_entropy(train_ds, val_ds, trained.model.vocab_size)
     metrics["checkpoint"] = str(ckpt)
     metrics["objective"] = trained.objective.name
+    if cfg.eval.tasks:
+        metrics.update(_zero_shot(cfg, paths, model, trained, device))
     atomic_write_json(paths.eval, metrics)  # kept even if sampling below fails
     metrics["prompt"] = cfg.eval.generate.prompt
     metrics["sample"] = _sample(cfg, model, device)
     atomic_write_json(paths.eval, metrics)
     return metrics
+
+
+def _zero_shot(cfg: RunConfig, paths: RunPaths, model: torch.nn.Module, trained: RunConfig,
+               device: torch.device) -> dict[str, Any]:
+    """eval.tasks: acc / acc_norm per task ("builtin": continuations of held-out documents), with each
+    task's 13-gram overlap with the training documents."""
+    from lmforge.data.io import read_documents
+    from lmforge.eval.builtin_tasks import builtin_task_file
+    from lmforge.eval.contamination import contamination
+    from lmforge.eval.tasks import evaluate_tasks
+    from lmforge.tokenizer.special_tokens import load_special_tokens
+    from lmforge.tokenizer.train import load_tokenizer
+
+    out: dict[str, Any] = {}
+    tasks = [t for t in cfg.eval.tasks if t != "builtin"]
+    if "builtin" in cfg.eval.tasks:
+        try:
+            tasks.append(str(builtin_task_file(paths.root / "eval" / "tasks", read_documents(paths.data / "val"),
+                                               exclude=read_documents(paths.data / "train"))))
+        except ValueError as e:  # too few held-out documents for a task: said, not fatal
+            out["zero_shot_skipped"] = f"builtin: {e}"
+    if not tasks:
+        return out
+    tok = load_tokenizer(paths.tokenizer)
+    special = load_special_tokens(paths.tokenizer, tok)
+    out["zero_shot"] = evaluate_tasks(model, tok, special, tasks, trained.model.family, device, cfg.eval.batch_size)
+    out["contamination"] = contamination(tasks, read_documents(paths.data / "train"))
+    return out
 
 
 def stage_generate(cfg: RunConfig, prompt: str | None = None, fill_mask: str | None = None) -> dict[str, Any]:
