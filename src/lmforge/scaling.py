@@ -45,7 +45,7 @@ MIN_RUNS = N_FIT_PARAMS + 1  # one more than the parameters, so a misfit can sho
 HUBER_DELTA = 1e-3
 DEFAULT_SIZES = "32:1,64:2,96:3"
 DEFAULT_TOKENS = "100k,200k,400k"
-_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
 
 @dataclass(frozen=True)
@@ -86,9 +86,6 @@ class ScalingFit:
         n = g * np.power(np.asarray(compute, dtype=float) / 6, self.beta / s)
         d = np.asarray(compute, dtype=float) / (6 * n)
         return n, d, self.loss(n, d)
-
-    def to_json(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------- the fit
@@ -156,8 +153,7 @@ def fit_scaling_law(params: Sequence[float], tokens: Sequence[float], losses: Se
     else:
         inits = torch.tensor([[math.log(init.A) - init.alpha * centre[0], math.log(init.B) - init.beta * centre[1],
                                math.log(init.E), init.alpha, init.beta]], dtype=torch.float64)
-    # min over (value, start index): a tie goes to the earlier start, so the result never depends on order of ties
-    (theta, value), _ = min(((_lbfgs(t, x, y), i) for i, t in enumerate(inits)), key=lambda r: (r[0][1], r[1]))
+    theta, value = min((_lbfgs(t, x, y) for t in inits), key=lambda r: r[1])  # ties: the first start wins
     a, b, e, alpha, beta = theta.tolist()
     return ScalingFit(E=math.exp(e), A=math.exp(a + alpha * float(centre[0])), B=math.exp(b + beta * float(centre[1])),
                       alpha=alpha, beta=beta, objective=value, n_runs=len(losses))
@@ -192,8 +188,8 @@ def predict(fit: ScalingFit, boots: Sequence[ScalingFit], params: float, tokens:
 
 
 def parse_count(text: str, what: str = "count") -> float:
-    """'300k', '1.5M', '2e9', '7B' -> a number (k, M, B or G, T; case ignored)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:e[+-]?\d+)?)\s*([kmbgt]?)\s*", text, re.IGNORECASE)
+    """'300k', '1.5M', '2e9', '7B' -> a number (k, M, B, T; case ignored)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:e[+-]?\d+)?)\s*([kmbt]?)\s*", text, re.IGNORECASE)
     if not m or float(m.group(1)) <= 0:
         raise ConfigError(f"{what}: expected a positive number like 300k, 1.5M or 2e9 (got {text!r})")
     return float(m.group(1)) * _SUFFIX[m.group(2).lower()]
@@ -242,9 +238,10 @@ def parse_sizes(spec: str, model: ModelConfig) -> list[ModelConfig]:
         parts = item.split(":")
         if len(parts) == 1:
             try:
-                shapes.append(shape_for_params(parse_count(item), model))
+                target = parse_count(item)
             except ConfigError:
                 raise bad from None
+            shapes.append(shape_for_params(target, model))
         elif len(parts) in (2, 3) and all(p.isdigit() and int(p) > 0 for p in parts):
             shapes.append(_shape(model, *map(int, parts)))
         else:
@@ -267,11 +264,7 @@ def plan_runs(cfg: RunConfig, shapes: Sequence[ModelConfig], budgets: Sequence[f
         raise ConfigError(f"a scaling fit has {N_FIT_PARAMS} parameters and needs at least {MIN_RUNS} runs over "
                           f">= 2 sizes and >= 2 token budgets; {len(shapes)} size(s) x {len(budgets)} budget(s) "
                           f"make {len(shapes) * len(budgets)}")
-
-    def setting(key: str, default: Any) -> Any:
-        return defaults.get(key, default)
-
-    tc = cfg.train
+    setting, tc = defaults.get, cfg.train
     per_step = setting("train.batch_tokens", tc.batch_tokens) or (
         setting("train.seq_len", tc.seq_len) * setting("train.batch_size", tc.batch_size)
         * setting("train.grad_accum", tc.grad_accum))
@@ -363,18 +356,21 @@ def scaling_law(
     points = sorted(points, key=lambda p: (p.params, p.tokens, p.name))  # the fit must not depend on run order
     fit = fit_scaling_law([p.params for p in points], [p.tokens for p in points], [p.loss for p in points])
     boots = bootstrap_fits(points, fit, n_boot, seed=cfg.seed)
-    top = max(p.compute for p in points)
-    if predict_at is None:
+    top, optimal = max(p.compute for p in points), fit.alpha > 0 and fit.beta > 0
+    if predict_at is None and optimal:
         n_opt, d_opt, _ = fit.compute_optimal(10 * top)
         predict_at = (float(n_opt), float(d_opt))
+    elif predict_at is None:  # no frontier to follow: scale the largest run's N and D alike to 10x compute
+        largest = max(points, key=lambda p: p.compute)
+        predict_at = (largest.params * 10**0.5, largest.tokens * 10**0.5)
     prediction = predict(fit, boots, *predict_at)
     computes = np.geomspace(min(p.compute for p in points) / 2, max(top, prediction["compute"]) * 2, 25)
     result = {
         "params_counted": "non-embedding (count_params(model, non_embedding=True))", "compute": "6 * N * D",
         "runs": [{**dataclasses.asdict(p), "compute": p.compute, "fitted_loss": float(fit.loss(p.params, p.tokens))}
                  for p in points],
-        "fit": fit.to_json(), "bootstrap": _bootstrap_summary(boots, n_boot),
-        "frontier": frontier(fit, computes.tolist()) if fit.alpha > 0 and fit.beta > 0 else [],
+        "fit": dataclasses.asdict(fit), "bootstrap": _bootstrap_summary(boots, n_boot),
+        "frontier": frontier(fit, computes.tolist()) if optimal else [],
         "prediction": prediction,
     }
     return _write_outputs(Path(out) if out else cfg.out / "scaling", result, points, fit)
