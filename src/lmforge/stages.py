@@ -390,6 +390,7 @@ def _sample(cfg: RunConfig, model: torch.nn.Module, device: torch.device, prompt
             text = f"{text}{PLACEHOLDER}"
         return fill_mask(model, tok, text, special, device=str(device))
     sampling = dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                    repetition_penalty=g.repetition_penalty, stop=g.stop,
                     seed=cfg.seed, device=str(device))
     if family == "encoder_decoder":
         from lmforge.eval.seq2seq import generate_seq2seq
