@@ -70,7 +70,7 @@ class DataConfig:
     # sweep evaluates every run on the same validation documents.
     split_seed: int = 1234
     docs_per_shard: int = 20_000
-    workers: int = 0  # processes for the shard tasks; 0: every core
+    workers: int = 0  # processes for the shard tasks; 0: every core once the input is 32 MB or more
     executor: Literal["local", "ray"] = "local"  # ray: the same tasks on a Ray cluster (lmforge[ray])
     max_doc_bytes: int = 64 << 20  # one record larger than this is quarantined unread
     # An alarm for every dedup step: one removing more than this share of a source's documents (of a

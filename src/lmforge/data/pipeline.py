@@ -78,7 +78,7 @@ def run_data_stage(cfg: DataConfig, out_dir: Path, seed: int | None = None, prog
     steps = barriers(cfg)
     tasks = plan_tasks(cfg)  # and so does a missing input
     work = _work_dir(cfg, out_dir)
-    workers = resolve_workers(cfg.workers)
+    workers = _workers(cfg, tasks)
     summaries: dict[str, Any] = {}
     for r in range(len(steps) + 1):
         args = [(cfg, work, t, r, cfg.split_seed) for t in tasks]
@@ -97,6 +97,19 @@ def run_data_stage(cfg: DataConfig, out_dir: Path, seed: int | None = None, prog
         "train_docs": split["train"], "val_docs": split["val"], "bytes_kept": totals["bytes_kept"],
         "per_source": ledger_json["per_source"], "ledger": ledger_json, "table": table,
     }
+
+
+# Below this much input, starting worker processes (each imports lmforge: seconds) costs more than it saves.
+AUTO_PARALLEL_BYTES = 32 << 20
+
+
+def _workers(cfg: DataConfig, tasks: list) -> int:
+    """data.workers, or for 0 (auto) every core once the input is large enough to pay for them. The
+    output is the same bytes whatever the count."""
+    if cfg.workers:
+        return resolve_workers(cfg.workers)
+    size = sum(Path(t.path).stat().st_size for t in tasks if t.path is not None)
+    return resolve_workers(0) if size >= AUTO_PARALLEL_BYTES else 1
 
 
 def _work_dir(cfg: DataConfig, out_dir: Path) -> Path:
