@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     commands["tokenizer-report"] = "bytes per token of the run's tokenizer, per source of its clean documents"
     commands["run"] = "all stages, in order, from one recipe"
     commands["mixture-search"] = "train small proxies on candidate mixtures and pick the best (T6)"
+    commands["report"] = "rebuild the run's self-contained HTML report (report.html) from its files"
     for name, help_ in commands.items():
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--config", "-c", action="append",
@@ -139,6 +140,11 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
         results = run_all(cfg, progress)
         print(summary(results))
         return 0
+    if args.stage == "report":
+        from lmforge.report import build_report
+
+        print(build_report(cfg.out))
+        return 0
     fn, _ = STAGES[args.stage]
     result = fn(cfg, progress=progress)
     if "table" in result:  # the data ledger reads better as a table than as JSON
@@ -177,6 +183,9 @@ def run_all(cfg: RunConfig, progress: bool = True) -> dict[str, dict[str, Any]]:
         t0 = time.perf_counter()
         results[name] = STAGES[name][0](cfg, progress=progress)
         results[name]["stage_seconds"] = time.perf_counter() - t0
+    from lmforge.report import build_report
+
+    results["report"] = {"path": str(build_report(cfg.out))}
     return results
 
 
@@ -198,11 +207,15 @@ def summary(r: dict[str, dict[str, Any]]) -> str:
         f"({below:.0%} below); at init {ev['loss_at_init']:.3f} ({1 - ev['loss'] / ev['loss_at_init']:.0%} below)",
         f"            {_quality(ev)}",
         *(f"  {name:<9} loss {m['loss']:.3f}, ppl {m['perplexity']:.1f}" for name, m in ev.get("sources", {}).items()),
+        *(f"zero-shot   {name}: acc {t['acc']:.3f}, acc_norm {t['acc_norm']:.3f} over {t['n']} items"
+          for name, t in ev.get("zero_shot", {}).items()),
         f"sample      {ev['prompt']!r} -> {ev['sample']!r}",
         f"export      {ex['path']} ({ex['format']}; transformers logits max |diff| "
         f"{ex.get('max_abs_diff', float('nan')):.1e})" if ex["path"] else f"export      {ex['format']}",
-        "time        " + ", ".join(f"{k} {v['stage_seconds']:.0f}s" for k, v in r.items()),
+        "time        " + ", ".join(f"{k} {v['stage_seconds']:.0f}s" for k, v in r.items() if "stage_seconds" in v),
     ]
+    if "report" in r:
+        lines.append(f"report      {r['report']['path']}")
     return "\n".join(lines)
 
 

@@ -419,4 +419,5 @@ def stage_export(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         result.update(check)
         if not check["max_abs_diff"] < 1e-4 or not check["tokenizer_match"]:
             raise RuntimeError(f"export check failed for {path}: {json.dumps(check)}")
+    atomic_write_json(cfg.out / "export" / "check.json", result)  # the run report shows it
     return result
