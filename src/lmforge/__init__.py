@@ -39,6 +39,8 @@ _API = {
     "finetune": "lmforge.finetune",
     "predict": "lmforge.finetune",
     "evaluate_checkpoints": "lmforge.eval.checkpoints",
+    "scaling_law": "lmforge.scaling",
+    "build_report": "lmforge.report",
 }
 
 

@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     commands["tokenizer-report"] = "bytes per token of the run's tokenizer, per source of its clean documents"
     commands["run"] = "all stages, in order, from one recipe"
     commands["mixture-search"] = "train small proxies on candidate mixtures and pick the best (T6)"
+    commands["scaling"] = "fit L(N, D) = E + A/N^a + B/D^b over a sweep of small runs; predict a larger one"
     commands["report"] = "rebuild the run's self-contained HTML report (report.html) from its files"
     for name, help_ in commands.items():
         sp = sub.add_parser(name, help=help_)
@@ -86,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
             from lmforge.mixture_search import add_cli_options
 
             add_cli_options(sp)
+        if name == "scaling":
+            from lmforge.scaling import add_cli_options as add_scaling_options
+
+            add_scaling_options(sp)
         sp.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     _extend_vocab_parser(sub)
     data_commands.add_parsers(sub)
@@ -140,6 +145,10 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
         results = run_all(cfg, progress)
         print(summary(results))
         return 0
+    if args.stage == "scaling":
+        from lmforge.scaling import cli_main as scaling_main
+
+        return scaling_main(args, cfg, progress)
     if args.stage == "report":
         from lmforge.report import build_report
 
