@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 from lmforge.io_utils import atomic_write_text
+from lmforge.plots import figure_png, subplots
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
@@ -93,12 +93,7 @@ def _training(run: Path) -> str:
 
 
 def _curves(steps: list[dict[str, Any]], evals: list[dict[str, Any]]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = subplots(1, 3, figsize=(13, 3.6))
     x = [r["step"] for r in steps]
     axes[0].plot(x, [r["loss"] for r in steps], label="train")
     if evals:
@@ -112,11 +107,7 @@ def _curves(steps: list[dict[str, Any]], evals: list[dict[str, Any]]) -> bytes:
     axes[2].set_title("tokens/s")
     for ax in axes:
         ax.set_xlabel("step")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def _validation(run: Path) -> str:

@@ -418,7 +418,7 @@ def plot_scaling(points: Sequence[ScalingPoint], fit: ScalingFit, prediction: di
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from lmforge.train.metrics import save_figure
+    from lmforge.plots import save_figure
 
     fig = Figure(figsize=(11, 4.5))
     FigureCanvasAgg(fig)

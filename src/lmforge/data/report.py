@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lmforge.io_utils import atomic_path, atomic_write_text
+from lmforge.io_utils import atomic_write_bytes, atomic_write_text
+from lmforge.plots import figure_png, subplots
 
 EXAMPLES_PER_REASON = 3
 
@@ -56,18 +57,13 @@ def _examples(removed: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
 
 def _chart(path: Path, ledger: dict[str, Any]) -> bool:
     """Stacked bars: documents removed by each step, one colour per source. False if nothing was."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = ledger["steps"]
     sources = sorted({s for by in ledger["counts"].values() for s in by})
     removed = {s: [ledger["counts"].get(step, {}).get(s, {}).get("docs_removed", 0) for step in steps]
                for s in sources}
     if not any(any(v) for v in removed.values()):
         return False
-    fig, ax = plt.subplots(figsize=(max(6, len(steps) * 1.2), 4))
+    fig, ax = subplots(figsize=(max(6, len(steps) * 1.2), 4))
     bottom = [0] * len(steps)
     for s in sources:
         ax.bar(steps, removed[s], bottom=bottom, label=s)
@@ -75,9 +71,8 @@ def _chart(path: Path, ledger: dict[str, Any]) -> bool:
     ax.set_ylabel("documents removed")
     ax.set_title("removed per step and source")
     ax.legend()
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    for label in ax.get_xticklabels():
+        label.set_rotation(30)
+        label.set_horizontalalignment("right")
+    atomic_write_bytes(path, figure_png(fig, dpi=100))
     return True

@@ -68,14 +68,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
+    from lmforge.plots import save_figure, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lmforge.train.metrics import save_figure
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     tokens = [r["tokens"] for r in rows]
     ax.plot(tokens, [r["loss"] for r in rows], "o-", label="all sources")
     for s in sorted({s for r in rows for s in r["sources"]}):

@@ -57,8 +57,9 @@ from torch import nn
 
 from lmforge.config import BatchRampConfig, RunConfig
 from lmforge.io_utils import atomic_write_json
+from lmforge.plots import save_figure, subplots
 from lmforge.tokens.loader import Batch
-from lmforge.train.metrics import Stopwatch, device_peak_flops, flops_per_token, save_figure
+from lmforge.train.metrics import Stopwatch, device_peak_flops, flops_per_token
 
 GIB = 2**30
 PROBE_TOKENS_CPU = 128  # row length of the scaled CPU probe: seconds even for a 1B model's one layer
@@ -379,10 +380,6 @@ def time_estimate(cfg: RunConfig, meta_model: nn.Module, plan: Plan, vocab: int,
 
 def plot_curves(cfg: RunConfig, plan: Plan, path: Path) -> Path:
     """LR and tokens per step against tokens seen; right: log-scaled tokens, for warmup and ramp."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     n = plan.max_steps
     early = max(cfg.train.schedule.warmup_steps, len(plan.ramp), 1) * 3
@@ -390,7 +387,7 @@ def plot_curves(cfg: RunConfig, plan: Plan, path: Path) -> Path:
     steps = steps.astype(np.int64)
     tokens = (plan.rows_before(steps + 1) * plan.seq_len) / 1e9
     lr, batch = lr_curve(cfg, plan, steps), plan.micro_at(steps) * plan.rows * plan.seq_len
-    fig, axes = plt.subplots(2, 2, sharex="col", figsize=(10, 5.5))
+    fig, axes = subplots(2, 2, sharex="col", figsize=(10, 5.5))
     for col, xscale in enumerate(("linear", "log")):
         axes[0, col].plot(tokens, lr, lw=1)
         axes[1, col].plot(tokens, batch, lw=1, color="tab:green")

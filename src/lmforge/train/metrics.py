@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from lmforge.config import TrainConfig
 from lmforge.io_utils import atomic_write_text
+from lmforge.plots import save_figure, subplots
 
 
 class MetricsLog:
@@ -207,14 +208,9 @@ class TensorBoardLog:
 
 
 def plot_loss_lr(records: list[dict[str, Any]], path: Path) -> Path:
-    """Loss and learning rate against step, one panel each (Agg backend: no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Loss and learning rate against step, one panel each."""
     steps = [r["step"] for r in records]
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, sharex=True, figsize=(7, 5), height_ratios=(2, 1))
+    fig, (ax_loss, ax_lr) = subplots(2, 1, sharex=True, figsize=(7, 5), height_ratios=(2, 1))
     ax_loss.plot(steps, [r["loss"] for r in records], lw=0.8)
     ax_loss.set_ylabel("train loss (nats)")
     ax_loss.grid(alpha=0.3)
@@ -223,17 +219,6 @@ def plot_loss_lr(records: list[dict[str, Any]], path: Path) -> Path:
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
     return save_figure(fig, path)
-
-
-def save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
-    """Lay out, write (creating the folder) and free a matplotlib figure."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
 
 
 def console_mode(progress: bool) -> str:
