@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import json
+from abc import abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,9 @@ class DigestDedup(DedupStep):
 
     reason = "duplicate"
 
+    @abstractmethod
     def digest(self, doc: Document) -> bytes:
-        raise NotImplementedError
+        """What makes two documents duplicates, as 16 bytes."""
 
     def map(self, docs: Iterable[tuple[int, Document]], out: Path) -> None:
         rows, ids = [], {}
