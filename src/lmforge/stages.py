@@ -164,7 +164,7 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
     paths = RunPaths(cfg.out)
     d = setup(cfg.train.parallel.mode, resolve_device(cfg.train.device))
     _share_batch(cfg, d.data_world)
-    train_ds, _ = _datasets(paths)
+    train_ds, val_ds = _datasets(paths)
     imported = _init_from(cfg)
     tokenizer_vocab = load_tokenizer(paths.tokenizer).get_vocab_size()
     if cfg.model.vocab_size == 0:
@@ -187,7 +187,7 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
     if d.is_main:
         save_config(cfg, cfg.out / "config.yaml")
     trainer = Trainer(cfg, model, loader, objective, paths.checkpoints, paths.metrics, progress=progress, dist=d,
-                      pipeline=pipeline, evaluator=_periodic_eval(cfg, paths, objective, d, pipeline))
+                      pipeline=pipeline, evaluator=_periodic_eval(cfg, val_ds, objective, d, pipeline))
     t0 = time.perf_counter()
     result = trainer.fit(stop_after=stop_after)
     seconds = time.perf_counter() - t0
@@ -203,7 +203,7 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
     }
 
 
-def _periodic_eval(cfg: RunConfig, paths: RunPaths, objective: Any, d: Any, pipeline: Any) -> Any:
+def _periodic_eval(cfg: RunConfig, val_ds: dict[str, Any], objective: Any, d: Any, pipeline: Any) -> Any:
     """eval.every: validation loss per source during training (every rank runs it: sharded models
     need all of them for a forward; only rank 0 writes)."""
     if not cfg.eval.every:
@@ -212,8 +212,6 @@ def _periodic_eval(cfg: RunConfig, paths: RunPaths, objective: Any, d: Any, pipe
         raise ConfigError("eval.every: periodic evaluation does not run under train.parallel.mode=pp; "
                           "evaluate checkpoints with `lmforge eval eval.checkpoints=all`")
     from lmforge.eval.perplexity import evaluate_sources
-
-    _, val_ds = _datasets(paths)
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         with torch.no_grad():

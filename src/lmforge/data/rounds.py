@@ -81,9 +81,16 @@ def barriers(cfg: DataConfig) -> list[DedupStep]:
     return build_dedup(cfg)
 
 
+def _entry_name(entry: Any) -> str:
+    """A step's registered name, which is also its FilterStep / DedupStep name."""
+    return entry if isinstance(entry, str) else str(entry["name"])
+
+
 def step_names(cfg: DataConfig) -> list[str]:
     """Every ledger step in order; repeated names get "#2", "#3" so rows stay distinct."""
-    names = [READ_STEP, *(f.name for f in build_filters(cfg)), *(f"{s.name}_dedup" for s in build_dedup(cfg))]
+    # Read from the (already validated) recipe entries, not by building the steps: a classifier
+    # filter loads its model when built, and this runs for every task of every round.
+    names = [READ_STEP, *map(_entry_name, cfg.filters), *(f"{_entry_name(e)}_dedup" for e in cfg.dedup)]
     seen: dict[str, int] = {}
     out = []
     for name in names:
