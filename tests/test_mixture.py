@@ -5,8 +5,11 @@ end with EOS = 0), so any row tells where each of its pieces came from."""
 
 from __future__ import annotations
 
+import functools
 import json
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -17,10 +20,11 @@ from test_loader import write_position_coded
 from lmforge.data.document import Document
 from lmforge.errors import ConfigError
 from lmforge.tokenizer.special_tokens import EOS_ID
+from lmforge.tokens import token_sets
 from lmforge.tokens.loader import PackedLoader, Stage, pack_best_fit
 from lmforge.tokens.mixture import SmoothRoundRobin, resolve_weights
 from lmforge.tokens.permutation import Permutation
-from lmforge.tokens.shards import TokenDataset
+from lmforge.tokens.shards import TokenDataset, doc_batches
 from lmforge.tokens.token_sets import open_split, tokenize_split
 
 
@@ -227,7 +231,7 @@ def encode(texts: list[str]) -> list[list[int]]:
     return [[1 + (b % 250) for b in t.encode("utf-8")] for t in texts]
 
 
-def tokenize(root, inputs, shards, crash_at: str | None = None, calls: list | None = None) -> dict:
+def tokenize(root, inputs, shards, crash_at: str | None = None, calls: list | None = None, **kwargs) -> dict:
     def read(path):
         if path.name == crash_at:
             raise KeyboardInterrupt("killed")
@@ -235,17 +239,23 @@ def tokenize(root, inputs, shards, crash_at: str | None = None, calls: list | No
             calls.append(path.name)
         return iter(shards[path.name])
 
-    return tokenize_split(inputs, read, encode, root / "tokens", "train", "f" * 64, 256, EOS_ID, progress=False)
+    return tokenize_split(inputs, read, kwargs.pop("encode", encode), root / "tokens", "train", "f" * 64, 256, EOS_ID,
+                          progress=False, **kwargs)
+
+
+def write_inputs(root, shards: dict[str, list[Document]]) -> list:
+    inputs = []
+    for name, docs in shards.items():
+        path = root / "data" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([d.id for d in docs]))  # content identifies the input for resume
+        inputs.append(path)
+    return inputs
 
 
 def test_tokenize_writes_one_set_per_source_and_resumes_only_unfinished_shards(tmp_path) -> None:
     shards = docs_by_shard()
-    inputs = []
-    for name, docs in shards.items():
-        path = tmp_path / "data" / name
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(json.dumps([d.id for d in docs]))  # content identifies the input for resume
-        inputs.append(path)
+    inputs = write_inputs(tmp_path, shards)
     whole = tokenize(tmp_path / "a", inputs, shards)
     sets = open_split(tmp_path / "a" / "tokens", "train")
     for source, ds in sets.items():
@@ -269,3 +279,25 @@ def test_tokenize_writes_one_set_per_source_and_resumes_only_unfinished_shards(t
         a, b = sets[source], open_split(tmp_path / "b" / "tokens", "train")[source]
         assert np.array_equal(a.tokens(0, a.n_tokens), b.tokens(0, b.n_tokens))
         assert np.array_equal(a.counts(), b.counts())
+
+
+def test_encoder_threads_finishing_out_of_order_write_the_one_thread_bytes(tmp_path, monkeypatch) -> None:
+    """Batches of three documents on three threads, each finishing after a random delay: the token
+    sets are byte for byte those of one thread, so documents keep their order."""
+    monkeypatch.setattr(token_sets, "doc_batches", functools.partial(doc_batches, max_docs=3))
+    shards = docs_by_shard()
+    inputs = write_inputs(tmp_path, shards)
+    delays = iter(np.random.default_rng(0).random(1000) * 0.003)
+
+    def jittery(texts: list[str]) -> list[list[int]]:
+        time.sleep(next(delays))
+        return encode(texts)
+
+    one = tokenize(tmp_path / "one", inputs, shards)
+    with ThreadPoolExecutor(3) as pool:
+        many = tokenize(tmp_path / "many", inputs, shards, encode=jittery, encoders=pool, ahead=5)
+    assert many == one
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert len(files) > 6
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "many" / f).read_bytes(), f

@@ -253,7 +253,9 @@ def test_stage_imports_a_transformers_tokenizer(tmp_path):
     cfg = load_config(None, [f"out_dir={tmp_path / 'run'}", f"tokenizer.from={tmp_path / 'hf'}"])
     result = stage_tokenizer(cfg, progress=False)  # no data stage needed
     path = RunPaths(cfg.out).tokenizer
-    assert result == {"path": str(path), "vocab_size": 300, "from": str(tmp_path / "hf")}
+    assert {k: result[k] for k in ("path", "vocab_size", "from")} == {
+        "path": str(path), "vocab_size": 300, "from": str(tmp_path / "hf")}
+    assert "unk_token" in result["tiktoken"]  # the reason tiktoken cannot stand in, recorded beside it
     assert path.read_bytes() == (tmp_path / "hf" / "tokenizer.json").read_bytes()  # copied as is
     special = sp.load_special_tokens(path)
     assert sp.special_tokens_path(path).is_file()

@@ -125,6 +125,7 @@ class CurriculumStage:
 @dataclass
 class TokensConfig:
     dtype: Literal["auto", "uint16", "uint32"] = "auto"
+    threads: int = 0  # `lmforge tokenize` encoder threads; 0: every core this process may use
     packing: Literal["greedy", "best_fit"] = "greedy"  # best_fit: every row starts at a document start
     long_docs: Literal["crop", "split"] = "crop"  # best_fit: a document longer than a row
     block_docs: int = 1024  # best_fit packs this many shuffled documents at a time
@@ -536,6 +537,7 @@ def validate(cfg: RunConfig) -> None:
         ("tokenizer.vocab_size", 400 <= cfg.tokenizer.vocab_size <= 2**32 - 1, "must be in [400, 2^32)"),
         ("train.seq_len", 0 < cfg.train.seq_len <= cfg.model.max_seq_len, "must be in (0, model.max_seq_len]"),
         ("tokens.block_docs", cfg.tokens.block_docs > 0, "must be > 0"),
+        ("tokens.threads", cfg.tokens.threads >= 0, "must be >= 0 (0: every core)"),
         ("train.parallel.microbatches", cfg.train.parallel.microbatches > 0, "must be > 0"),
         ("tokens.mixture.temperature", cfg.tokens.mixture.temperature > 0, "must be > 0"),
         ("train.batch_size", cfg.train.batch_size > 0, "must be > 0"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,22 +69,34 @@ def stage_tokenizer(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     paths = RunPaths(cfg.out)
     if cfg.tokenizer.from_:  # a given tokenizer instead of training one: the data stage is not needed
         tok = import_tokenizer(cfg.tokenizer.from_, paths.tokenizer)
-        return {"path": str(paths.tokenizer), "vocab_size": tok.get_vocab_size(), "from": cfg.tokenizer.from_}
+        return {"path": str(paths.tokenizer), "vocab_size": tok.get_vocab_size(), "from": cfg.tokenizer.from_,
+                "tiktoken": _export_tiktoken(paths.tokenizer, progress)}
     docs = read_documents(_need(paths.data / "train", "data"))
     ledger = json.loads(_need(paths.data / "ledger.json", "data").read_text(encoding="utf-8"))
     corpus_bytes = ledger["totals"]["bytes_kept"]
     rate = min(1.0, 1.1 * cfg.tokenizer.max_train_bytes / max(corpus_bytes, 1))  # 10% slack; the budget caps it
     texts = spread_sample(docs, rate, cfg.seed)
     tok = train_tokenizer(texts, cfg.tokenizer, paths.tokenizer, progress=progress)
-    return {"path": str(paths.tokenizer), "vocab_size": tok.get_vocab_size(), "sample_rate": rate}
+    return {"path": str(paths.tokenizer), "vocab_size": tok.get_vocab_size(), "sample_rate": rate,
+            "tiktoken": _export_tiktoken(paths.tokenizer, progress)}
+
+
+def _export_tiktoken(tokenizer_path: Path, progress: bool) -> str:
+    from lmforge.tokenizer.tiktoken_file import export_tiktoken
+
+    line = export_tiktoken(tokenizer_path)
+    if progress:
+        print(line)
+    return line
 
 
 def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """One token set per (split, source), resumable per input document shard; returns each split's
     manifest (tokens, documents, bytes and bytes/token per source)."""
     from lmforge.data.io import read_documents, shard_paths
-    from lmforge.tokenizer.fast_encode import FastEncoder
+    from lmforge.tokenizer.fast_encode import usable_cpus
     from lmforge.tokenizer.special_tokens import load_special_tokens
+    from lmforge.tokenizer.tiktoken_file import encoder_for
     from lmforge.tokenizer.train import load_tokenizer, tokenizer_hash
     from lmforge.tokens.token_sets import tokenize_split
 
@@ -92,17 +105,30 @@ def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     eos = load_special_tokens(paths.tokenizer, tok).eos
     # tiktoken when it reproduces this tokenizer exactly, else `tokenizers`; either way a document
     # quoting "<|endoftext|>" encodes it as text, never as a real EOS that would split it in two.
-    encoder = FastEncoder(tok, specials_as_text=True)
+    # One thread per encode call and the stage's own worker threads: tiktoken releases the GIL, so
+    # workers overlap; `tokenizers` parallelises inside its own call, so it gets one.
+    encoder = encoder_for(tok, paths.tokenizer, threads=1)
+    workers = (cfg.tokens.threads or usable_cpus()) if encoder.backend == "tiktoken" else 1
     if progress:
-        print(f"tokenize: encoding with {encoder.backend} ({encoder.reason})")
+        print(f"tokenize: encoding with {encoder.backend} on {workers} thread(s) ({encoder.reason})")
     encode = encoder.encode_arrays
 
-    out = {}
-    for split in ("train", "val"):
-        inputs = shard_paths(_need(paths.data / split, "data"))
-        out[split] = tokenize_split(inputs, read_documents, encode, paths.tokens, split,
-                                    tokenizer_hash(paths.tokenizer), tok.get_vocab_size(), eos,
-                                    dtype=cfg.tokens.dtype, progress=progress)
+    inputs = {split: shard_paths(_need(paths.data / split, "data")) for split in ("train", "val")}
+
+    def run(split: str, encoders: ThreadPoolExecutor) -> dict[str, Any]:
+        return tokenize_split(inputs[split], read_documents, encode, paths.tokens, split,
+                              tokenizer_hash(paths.tokenizer), tok.get_vocab_size(), eos, dtype=cfg.tokens.dtype,
+                              progress=progress, encoders=encoders, ahead=2 * workers)
+
+    # val runs beside train on the same encoder threads, so the cores never idle while one split
+    # reads its first batch or finishes its sets.
+    with ThreadPoolExecutor(workers, thread_name_prefix="encode") as encoders:
+        side = ThreadPoolExecutor(1, thread_name_prefix="tokenize-val")
+        try:
+            val = side.submit(run, "val", encoders)
+            out = {"train": run("train", encoders), "val": val.result()}
+        finally:
+            side.shutdown(wait=False, cancel_futures=True)  # on an error, val stops at its next batch
     return {**out, "encoder": encoder.backend}
 
 

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer, models, trainers
 from lmforge.io_utils import atomic_write_text
 from lmforge.tokenizer.report import measure
 from lmforge.tokenizer.special_tokens import load_special_tokens, save_special_tokens
+from lmforge.tokenizer.tiktoken_file import export_tiktoken
 
 
 def extend_vocabulary(
@@ -56,6 +57,7 @@ def extend_vocabulary(
     atomic_write_text(out_file, extended.to_str(pretty=True))
     save_special_tokens(special, out_file)
     load_special_tokens(out_file, extended)  # the saved map still matches the tokenizer
+    tiktoken_line = export_tiktoken(out_file)
     before = measure(base, (("new", t) for t in texts))["all"]
     after = measure(extended, (("new", t) for t in texts))["all"]
     return {
@@ -66,6 +68,7 @@ def extend_vocabulary(
         "vocab_size_after": extended.get_vocab_size(),
         "bytes_per_token_before": before["bytes_per_token"],
         "bytes_per_token_after": after["bytes_per_token"],
+        "tiktoken": tiktoken_line,
     }
 
 

@@ -25,33 +25,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import regex
 from tokenizers import Tokenizer, pre_tokenizers
+
+from lmforge.tokenizer.tiktoken_regex import (  # noqa: F401 - GPT2_PATTERN is part of this module's API
+    GPT2_PATTERN,
+    FastPathUnavailable,
+    check_no_empty_match,
+    tiktoken_pattern,
+)
 
 try:
     import tiktoken
 except ImportError:  # the fallback still works; FastEncoder reports why it is not fast
     tiktoken = None  # type: ignore[assignment]
 
-# The regex ByteLevel(use_regex=True) splits with (tokenizers' pre_tokenizers/byte_level.rs).
-GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-
-# Escapes whose meaning differs between tokenizers' Oniguruma (Ruby syntax) and tiktoken's
-# fancy-regex, or that one of them lacks: \w and \b differ on ZWJ/ZWNJ and vulgar fractions
-# (measured over every code point), \h is hex in Ruby, \A \z \G \K \R \X.. exist in one only.
-_UNSAFE_ESCAPES = frozenset("wWbBhHRXKGAzZQEyYOoNkg123456789")
-# \p{..} names whose members were compared over every code point and agree in both engines: the
-# general categories and these scripts. Others (Word, Alnum, InBasicLatin..) are POSIX-like or
-# engine-specific.
-_SAFE_PROPERTIES = frozenset(
-    """L Lu Ll Lt Lm Lo M Mn Mc Me N Nd Nl No P Pc Pd Ps Pe Pi Pf Po S Sm Sc Sk So Z Zs Zl Zp C Cc Cf Co Cn
-    Han Latin Greek Cyrillic Hiragana Katakana Hangul Arabic Hebrew Thai Devanagari Common Inherited""".split()  # noqa: SIM905
-)
-# Groups both engines read alike; anything else ((?x) flags, (?~absent), named groups) is refused.
-_SAFE_GROUPS = ("(?:", "(?=", "(?!", "(?<=", "(?<!", "(?>")
-# Under (?i) Oniguruma also matches one character against several (ß ~ "ss", ﬆ ~ "st"); fancy-regex
-# never does. These are the ASCII sequences some single character folds to.
-_MULTI_FOLDS = ("ss", "st", "ff", "fi", "fl")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Diverse text both encoders must agree on before the fast path is trusted: it catches engine
@@ -73,8 +60,8 @@ PROBE_TEXTS: tuple[str, ...] = (
 )
 
 
-class FastPathUnavailable(ValueError):
-    """tiktoken cannot reproduce this tokenizer's ids exactly; the message names the reason."""
+# tiktoken mergeable_ranks, and rank -> our id when the ranks are not our ids (else None).
+Ranks = tuple[dict[bytes, int], dict[int, int] | None]
 
 
 @dataclass(frozen=True)
@@ -84,6 +71,9 @@ class TiktokenPath:
     encoding: Any  # tiktoken.Encoding
     to_ours: np.ndarray | None
     special: frozenset[str]
+    pattern: str  # the regex tiktoken splits with
+    ranks: Ranks
+    specials: dict[str, int]  # the added tokens as tiktoken special tokens (content -> value)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -111,23 +101,31 @@ def tiktoken_encoding(tokenizer: Tokenizer, name: str = "lmforge", specials_as_t
     return build_tiktoken_path(tokenizer, name, specials_as_text).encoding
 
 
-def build_tiktoken_path(tokenizer: Tokenizer, name: str = "lmforge", specials_as_text: bool = True) -> TiktokenPath:
-    """Check `tokenizer`, build its Encoding and rank -> id table, and verify them on PROBE_TEXTS."""
+def build_tiktoken_path(
+    tokenizer: Tokenizer, name: str = "lmforge", specials_as_text: bool = True, checked_ranks: Ranks | None = None
+) -> TiktokenPath:
+    """Check `tokenizer`, build its Encoding and rank -> id table, and verify them on PROBE_TEXTS.
+
+    `checked_ranks`: this tokenizer's ranks as an earlier build derived and checked them (the export
+    beside it, `tiktoken_file.py`): the per-merge check, the one cost that grows with the vocabulary,
+    is then skipped; every other check and the probe comparison still run.
+    """
     if tiktoken is None:
         raise FastPathUnavailable("tiktoken is not installed")
     spec = json.loads(tokenizer.to_str())
     _check_pipeline(spec)
-    pattern, split_regex = _pattern(spec["pre_tokenizer"])
+    pattern, split_regex = tiktoken_pattern(spec["pre_tokenizer"])
     added = _added_tokens(spec["added_tokens"], specials_as_text)
-    ranks, rank_to_id = _ranks(spec["model"], {t["id"] for t in spec["added_tokens"]})
+    ranks, rank_to_id = checked_ranks or _ranks(spec["model"], {t["id"] for t in spec["added_tokens"]})
     specials, to_ours = _specials_and_table(added, ranks, rank_to_id)
     try:
         encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
     except ValueError as e:  # fancy-regex could not compile the pattern
         raise FastPathUnavailable(f"tiktoken's regex engine cannot compile the pre-tokenizer regex: {e}") from e
     if split_regex is not None:
-        _check_no_empty_match(split_regex)
-    path = TiktokenPath(encoding, to_ours, frozenset() if specials_as_text else frozenset(added))
+        check_no_empty_match(split_regex, PROBE_TEXTS)
+    special = frozenset() if specials_as_text else frozenset(added)
+    path = TiktokenPath(encoding, to_ours, special, pattern, (ranks, rank_to_id), specials)
     _self_check(path, tokenizer, specials_as_text)
     return path
 
@@ -148,118 +146,6 @@ def _check_pipeline(spec: dict[str, Any]) -> None:
             raise FastPathUnavailable(f"BPE {option}={model[option]!r} is set; tiktoken has no such option")
     if model.get("byte_fallback"):
         raise FastPathUnavailable("BPE byte_fallback is set; tiktoken has no such option")
-
-
-def _pattern(pre: dict[str, Any] | None) -> tuple[str, str | None]:
-    """(the regex tiktoken splits with, the Split regex if any), for the two forms lmforge writes."""
-    if pre is None:
-        raise FastPathUnavailable("no pre-tokenizer; only byte-level ones are supported")
-    if pre.get("type") == "ByteLevel":
-        _check_byte_level(pre, use_regex=True)
-        return GPT2_PATTERN, None
-    steps = pre.get("pretokenizers", [])
-    if pre.get("type") != "Sequence" or [s.get("type") for s in steps] != ["Split", "ByteLevel"]:
-        kinds = [s.get("type") for s in steps] if steps else pre.get("type")
-        raise FastPathUnavailable(
-            f"pre-tokenizer {kinds} is neither ByteLevel(use_regex=True) nor Sequence([Split, ByteLevel])"
-        )
-    split, byte_level = steps
-    _check_byte_level(byte_level, use_regex=False)
-    if split.get("behavior") != "Isolated" or split.get("invert"):
-        raise FastPathUnavailable(
-            f"Split behavior={split.get('behavior')} invert={split.get('invert')}; only Isolated, not inverted"
-        )
-    if "Regex" not in split.get("pattern", {}):
-        raise FastPathUnavailable(f"Split pattern {split.get('pattern')} is a literal string, not a Regex")
-    return _isolated_split_pattern(split["pattern"]["Regex"]), split["pattern"]["Regex"]
-
-
-def _check_byte_level(pre: dict[str, Any], use_regex: bool) -> None:
-    if pre.get("add_prefix_space"):
-        raise FastPathUnavailable("ByteLevel add_prefix_space=True; tiktoken adds no prefix space")
-    if pre.get("use_regex", True) != use_regex:
-        raise FastPathUnavailable(f"ByteLevel use_regex={not use_regex} in this position; expected {use_regex}")
-
-
-def _isolated_split_pattern(pattern: str) -> str:
-    """`pattern` as tiktoken must run it to split like Split(Regex(pattern), "isolated").
-
-    tiktoken drops text its regex does not match; HF keeps each gap between matches as a piece. The
-    second alternative matches exactly such a gap (characters where `pattern` cannot start), so a
-    pattern that does not cover every character still encodes every byte the way HF does.
-    """
-    _lint_pattern(pattern)
-    return f"(?:{pattern})|(?:(?!(?:{pattern}))(?s:.))+"
-
-
-def _check_no_empty_match(pattern: str) -> None:
-    """An empty match is a zero-length piece: HF drops it, tiktoken's BPE panics on it. Checked with
-    the `regex` module on the probe texts (neither engine exposes its matches)."""
-    try:
-        compiled = regex.compile(pattern)
-    except regex.error as e:
-        raise FastPathUnavailable(f"cannot check the Split regex {pattern!r} for empty matches: {e}") from e
-    if any(m.start() == m.end() for text in (*PROBE_TEXTS, "a", "1", "'") for m in compiled.finditer(text)):
-        raise FastPathUnavailable(f"the Split regex {pattern!r} can match the empty string")
-
-
-def _lint_pattern(pattern: str) -> None:
-    """Refuse regex constructs that Oniguruma and fancy-regex read differently or one of them lacks."""
-    depth, i = 0, 0  # depth: nesting of [..] classes
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "\\":
-            if pattern[i + 1 : i + 2] in _UNSAFE_ESCAPES:
-                raise FastPathUnavailable(f"the regex uses \\{pattern[i + 1]}, which the two engines read differently")
-            i += _escape_length(pattern, i)
-            continue
-        if depth and pattern.startswith("[:", i):
-            raise FastPathUnavailable("the regex uses a POSIX class [:..:], Unicode in tokenizers, ASCII in tiktoken")
-        if c in "[]":
-            depth = depth + 1 if c == "[" else max(depth - 1, 0)
-        elif not depth:
-            _check_outside_class(pattern, i)
-        i += 1
-
-
-def _escape_length(pattern: str, at: int) -> int:
-    """Length of the escape at `at`; a \\p{..} class is one escape, checked against the safe names."""
-    if pattern[at + 1 : at + 2] not in ("p", "P"):
-        return 2
-    if pattern[at + 2 : at + 3] != "{":
-        raise FastPathUnavailable("the regex uses \\p without braces; write \\p{..}")
-    end = pattern.find("}", at)
-    name = pattern[at + 3 : end]
-    if end < 0 or name.removeprefix("^") not in _SAFE_PROPERTIES:
-        raise FastPathUnavailable(f"the regex uses \\p{{{name}}}, not checked to mean the same in both engines")
-    return end + 1 - at
-
-
-def _check_outside_class(pattern: str, at: int) -> None:
-    c = pattern[at]
-    if c in "^$":
-        raise FastPathUnavailable(f"the regex uses {c!r}: a line anchor in tokenizers, a text anchor in tiktoken")
-    if pattern.startswith("{,", at):
-        raise FastPathUnavailable("the regex uses {,n}: {0,n} in tokenizers, literal text in tiktoken")
-    if not pattern.startswith("(?", at):
-        return
-    if pattern.startswith("(?i:", at):
-        _check_case_insensitive(pattern, at)
-    elif not pattern.startswith(_SAFE_GROUPS, at):
-        raise FastPathUnavailable(f"the regex uses the group {pattern[at : at + 4]!r}..; only {_SAFE_GROUPS} agree")
-
-
-def _check_case_insensitive(pattern: str, at: int) -> None:
-    """(?i:..) only around plain ASCII alternatives (like cl100k's contractions): on classes and
-    non-ASCII the engines' case folding differs, and Oniguruma matches one character for some
-    letter pairs (ß for "ss"), which fancy-regex never does."""
-    end = pattern.find(")", at)
-    body = pattern[at + 4 : end]
-    if end < 0 or not body.isascii() or any(c in body for c in "\\[(."):
-        raise FastPathUnavailable(f"(?i:{body}..) holds more than ASCII literals; case folding differs between engines")
-    folds = [f for f in _MULTI_FOLDS if f in body.lower()]
-    if folds:
-        raise FastPathUnavailable(f"under (?i) tokenizers matches one character for {folds} (ß ~ ss), tiktoken not")
 
 
 def _added_tokens(tokens: list[dict[str, Any]], specials_as_text: bool) -> dict[str, int]:
@@ -286,7 +172,7 @@ def _added_tokens(tokens: list[dict[str, Any]], specials_as_text: bool) -> dict[
 # ---------------------------------------------------------------- ranks
 
 
-def _ranks(model: dict[str, Any], added_ids: set[int]) -> tuple[dict[bytes, int], dict[int, int] | None]:
+def _ranks(model: dict[str, Any], added_ids: set[int]) -> Ranks:
     """tiktoken mergeable_ranks for the reachable vocabulary, and rank -> our id (None: the same)."""
     vocab: dict[str, int] = model["vocab"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
@@ -458,7 +344,7 @@ def _hf_encode(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):  # the CPUs this process may run on (Linux), not the machine's
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
@@ -469,16 +355,25 @@ class FastEncoder:
     `tokenizers`; `backend` says which and `reason` why."""
 
     def __init__(
-        self, tokenizer: Tokenizer, threads: int | None = None, specials_as_text: bool = True, use_tiktoken: bool = True
+        self,
+        tokenizer: Tokenizer,
+        threads: int | None = None,
+        specials_as_text: bool = True,
+        use_tiktoken: bool = True,
+        exported: Ranks | str | None = None,
     ) -> None:
-        self.threads = threads or _usable_cpus()
+        """`exported`: what the tiktoken export beside the tokenizer holds (`tiktoken_file.load_export`):
+        its checked ranks, or the reason the fast path was found impossible for this tokenizer."""
+        self.threads = threads or usable_cpus()
         self._path: TiktokenPath | None = None
         self._hf: Tokenizer | None = None
         try:
             if not use_tiktoken:
                 raise FastPathUnavailable("tiktoken was not requested")
-            self._path = build_tiktoken_path(tokenizer, specials_as_text=specials_as_text)
-            self.backend, self.reason = "tiktoken", f"reproduces this tokenizer exactly; {self.threads} threads"
+            if isinstance(exported, str):
+                raise FastPathUnavailable(exported)
+            self._path = build_tiktoken_path(tokenizer, specials_as_text=specials_as_text, checked_ranks=exported)
+            self.backend, self.reason = "tiktoken", "reproduces this tokenizer exactly"
         except FastPathUnavailable as e:
             self._hf = _hf_copy(tokenizer, specials_as_text)
             self.backend, self.reason = "tokenizers", f"fast path unavailable: {e}"

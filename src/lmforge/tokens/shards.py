@@ -44,8 +44,13 @@ SET_VERSION = 2  # 2: unigram counts beside the set
 _RETOKENIZE = "re-run `lmforge tokenize`"
 # What the set manifest repeats from each shard's own manifest; TokenDataset checks they agree.
 _LISTED_KEYS = ("n_tokens", "n_docs", "n_bytes", "bin_xxh64", "idx_xxh64")
-ENCODE_BATCH_DOCS = 1024  # documents per encoder call
-_FLUSH_TOKENS = 1 << 22  # buffer this many tokens before a write, to keep syscalls few
+ENCODE_BATCH_DOCS = 256  # documents per encoder call, at most
+# ...and about this many characters: the first batch is read before any encoding starts and the
+# last one is written after it ends, so small batches keep that unoverlapped time short.
+ENCODE_BATCH_CHARS = 1 << 18
+# Buffer this many tokens before a write: few syscalls, yet small enough that the counting, casting
+# and hashing of a flush overlap the encoder instead of piling up at the end of a shard.
+_FLUSH_TOKENS = 1 << 18
 _HASH_BLOCK = 1 << 24
 
 
@@ -362,7 +367,7 @@ def write_token_shards(
     tokenizer.encode_special_tokens = True
     try:
         with writer, tqdm(desc=f"tokenize {name}", unit="doc", disable=not progress) as bar:
-            for batch in doc_batches(docs, ENCODE_BATCH_DOCS):
+            for batch in doc_batches(docs):
                 encodings = tokenizer.encode_batch([d.text for d in batch], add_special_tokens=False)
                 for doc, enc in zip(batch, encodings, strict=True):
                     writer.add(enc.ids, doc.source, doc.n_bytes)
@@ -373,13 +378,18 @@ def write_token_shards(
     return writer.summary
 
 
-def doc_batches(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
+def doc_batches(
+    docs: Iterable[Document], max_docs: int = ENCODE_BATCH_DOCS, max_chars: int = ENCODE_BATCH_CHARS
+) -> Iterator[list[Document]]:
+    """Consecutive documents, a batch ending at `max_docs` documents or `max_chars` characters."""
     batch: list[Document] = []
+    chars = 0
     for doc in docs:
         batch.append(doc)
-        if len(batch) == size:
+        chars += len(doc.text)
+        if len(batch) == max_docs or chars >= max_chars:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 

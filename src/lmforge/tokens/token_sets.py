@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,6 @@ from tqdm import tqdm
 from lmforge.data.document import Document
 from lmforge.io_utils import atomic_write_json
 from lmforge.tokens.shards import (
-    ENCODE_BATCH_DOCS,
     ShardError,
     ShardWriter,
     TokenDataset,
@@ -61,10 +61,13 @@ def tokenize_split(
     eos_id: int,
     dtype: str = "auto",
     progress: bool = True,
+    encoders: Executor | None = None,
+    ahead: int = 2,
 ) -> dict[str, Any]:
     """Encode the documents of `inputs` (document shards, read by `read`) into one token set per
     source; resume after the last finished input shard when progress.json matches. Returns the
-    split manifest."""
+    split manifest. `encode` runs on the `encoders` threads (None: one of its own), which splits
+    tokenized together may share, with up to `ahead` batches queued."""
     tokens_dir = Path(tokens_dir)
     out_dir = tokens_dir / split
     split_manifest_path(tokens_dir, split).unlink(missing_ok=True)  # incomplete from here on
@@ -91,11 +94,12 @@ def tokenize_split(
     try:
         with tqdm(desc=f"tokenize {split}", unit="doc", disable=not progress) as bar:
             for k in range(done, len(inputs)):
-                for batch, ids in _encoded(doc_batches(read(inputs[k]), ENCODE_BATCH_DOCS), encode):
+                for batch, ids in _encoded(doc_batches(read(inputs[k])), encode, encoders, ahead):
                     for doc, doc_ids in zip(batch, ids, strict=True):
                         writer(doc.source).add(doc_ids, doc.source, doc.n_bytes)
                     bar.update(len(batch))
-                _checkpoint(out_dir, identity, keys, k + 1, writers)
+                if k + 1 < len(inputs):  # after the last one the writers finish their sets below
+                    _checkpoint(out_dir, identity, keys, k + 1, writers)
     except BaseException:
         for w in writers.values():
             w.__exit__(RuntimeError, None, None)  # drops the open shard's temporary file only
@@ -108,18 +112,25 @@ def tokenize_split(
     return manifest
 
 
-def _encoded(batches: Iterable[list[Document]], encode: Encode) -> Iterator[tuple[list[Document], Sequence]]:
-    """(batch, its ids) in order, the next batch encoding on a worker (whose encoder releases the
-    GIL) while this thread reads input and writes the previous one: the serial work hides behind it."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending: tuple[list[Document], Future] | None = None
-        for batch in batches:
-            future = pool.submit(encode, [d.text for d in batch])
-            if pending is not None:
-                yield pending[0], pending[1].result()
-            pending = (batch, future)
-        if pending is not None:
-            yield pending[0], pending[1].result()
+def _encoded(
+    batches: Iterable[list[Document]], encode: Encode, encoders: Executor | None, ahead: int
+) -> Iterator[tuple[list[Document], Sequence]]:
+    """(batch, its ids) in input order. Small batches go to the `encoders` threads (the encoder
+    releases the GIL), `ahead` of them queued: no thread waits at a batch boundary for the others,
+    and this thread's reading and writing fill the gaps instead of adding to the time."""
+    if encoders is None:
+        with ThreadPoolExecutor(max_workers=1) as own:
+            yield from _encoded(batches, encode, own, ahead)
+        return
+    pending: deque[tuple[list[Document], Future]] = deque()
+    for batch in batches:
+        pending.append((batch, encoders.submit(encode, [d.text for d in batch])))
+        if len(pending) > ahead:
+            done, future = pending.popleft()
+            yield done, future.result()
+    while pending:
+        done, future = pending.popleft()
+        yield done, future.result()
 
 
 def _check_source_name(source: str) -> None:
