@@ -181,10 +181,11 @@ def objective_for(cfg: RunConfig, trained: RunConfig | None = None) -> Any:
 
 
 def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
-    from lmforge.models import build_model, count_params
     from lmforge.tokenizer.train import load_tokenizer
     from lmforge.train.checkpoint import find_latest, read_state
+    from lmforge.train.optim import build_optimizer
     from lmforge.train.parallel import setup
+    from lmforge.train.precision import Precision
     from lmforge.train.trainer import Trainer, resolve_device
 
     paths = RunPaths(cfg.out)
@@ -204,16 +205,15 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
         raise ConfigError(
             f"{latest} was trained with another model config; use a new out_dir or train.resume=false"
         )
-    torch.manual_seed(cfg.seed)  # every rank builds the same full model before it is split
-    model = (imported if imported is not None else build_model(cfg.model)).to(d.device)
-    n_params = count_params(model)
-    model, pipeline = _parallel_model(cfg, model, d)
+    model, pipeline, n_params = _build_parallel_model(cfg, d, imported)
     objective = objective_for(cfg)
     loader = build_loader(cfg, train_ds, objective, rank=d.data_rank, world_size=d.data_world)
     if d.is_main:
         save_config(cfg, cfg.out / "config.yaml")
     trainer = Trainer(cfg, model, loader, objective, paths.checkpoints, paths.metrics, progress=progress, dist=d,
-                      pipeline=pipeline, evaluator=_periodic_eval(cfg, val_ds, objective, d, pipeline))
+                      pipeline=pipeline, evaluator=_periodic_eval(cfg, val_ds, objective, d, pipeline),
+                      optimizer=build_optimizer(model, cfg.train.optimizer), precision=Precision(cfg.train.precision,
+                                                                                                 d.device))
     t0 = time.perf_counter()
     result = trainer.fit(stop_after=stop_after)
     seconds = time.perf_counter() - t0
@@ -276,6 +276,30 @@ def _share_batch(cfg: RunConfig, data_world: int) -> None:
             f"{tc.batch_size} x {tc.seq_len}, which {data_world} data-parallel ranks cannot share evenly"
         )
     tc.grad_accum //= data_world
+
+
+def _build_parallel_model(cfg: RunConfig, d: Any, imported: torch.nn.Module | None) -> tuple[Any, Any, int]:
+    """(model, pipeline runner or None, parameter count): built, parallelised and initialised in
+    torchtitan's order where the layout splits parameters (fsdp, tp): on the meta device, then
+    wrapped, then each rank materialises and initialises only its own pieces, so no rank ever holds
+    the whole model. `models.init` draws every piece as the unsplit model would, so 1 and N ranks
+    start from identical weights. ddp and pp replicate or cut a whole model, built and initialised
+    first."""
+    from lmforge.models import build_model, count_params, materialize
+
+    torch.manual_seed(cfg.seed)
+    meta_first = imported is None and d.world > 1 and d.mode in ("fsdp", "tp")
+    if imported is not None:
+        model = imported.to(d.device)
+    else:
+        model = build_model(cfg.model, init=not meta_first, device=d.device)
+    n_params = count_params(model)  # before a pipeline cuts it; meta parameters have their sizes
+    model, pipeline = _parallel_model(cfg, model, d)
+    if meta_first:
+        # FSDP's CPU offload keeps the shards on the host: they are created there (as torchtitan does).
+        materialize(model, "cpu" if cfg.train.parallel.cpu_offload else d.device)
+        model.init_weights()
+    return model, pipeline, n_params
 
 
 def _parallel_model(cfg: RunConfig, model: torch.nn.Module, d: Any) -> tuple[torch.nn.Module, Any]:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.models import init
 from lmforge.models.encoder_decoder import EncoderDecoderConfig, Seq2SeqModel, check_cacheable
 from lmforge.models.layers import Attention, KVCache, vocab_logits
 from lmforge.models.masks import AttnMask, cross_allowed, lower, self_allowed
@@ -105,7 +106,7 @@ class BartModel(Seq2SeqModel):
         drawn like the others. Forward parity does not depend on it."""
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, self.cfg.init_std)
+                init.normal_(module.weight, 0.0, self.cfg.init_std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig, check
+from lmforge.models import init
 from lmforge.models.flex import alibi_score_mod, build_block_mask
 from lmforge.models.layers import Attention, KVCache, RMSNorm, SwiGLU, vocab_logits
 from lmforge.models.masks import AttnMask, causal_allowed, lower, self_allowed
@@ -111,7 +112,7 @@ class Decoder(nn.Module):
         std, residual_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, residual_std if name.endswith(("o_proj", "down_proj")) else std)
+                init.normal_(module.weight, 0.0, residual_std if name.endswith(("o_proj", "down_proj")) else std)
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig, check
+from lmforge.models import init
 from lmforge.models.layers import Attention, vocab_logits
 from lmforge.models.masks import AttnMask, lower, self_allowed
 from lmforge.models.positions import default_positions
@@ -95,7 +96,7 @@ class Encoder(nn.Module):
         biases (the MLM output bias included), LayerNorm weight 1 and bias 0."""
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, self.cfg.init_std)
+                init.normal_(module.weight, 0.0, self.cfg.init_std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.models import init
 from lmforge.models.encoder_decoder import EncoderDecoderConfig, Seq2SeqModel, check_cacheable
 from lmforge.models.layers import Attention, KVCache, RMSNorm, vocab_logits
 from lmforge.models.masks import AttnMask, cross_allowed, lower, self_allowed
@@ -112,23 +113,23 @@ class T5Model(Seq2SeqModel):
         T5 leaves out."""
         cfg = self.cfg
         d_model, d_kv, inner = cfg.d_model, cfg.head_dim, cfg.n_heads * cfg.head_dim
-        nn.init.normal_(self.shared.weight, 0.0, 1.0)
+        init.normal_(self.shared.weight, 0.0, 1.0)
         if not cfg.tied:
-            nn.init.normal_(self.lm_head.weight, 0.0, 1.0)
+            init.normal_(self.lm_head.weight, 0.0, 1.0)
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.reset_parameters()
             elif isinstance(module, T5RelativeBias):
-                nn.init.normal_(module.relative_attention_bias.weight, 0.0, d_model**-0.5)
+                init.normal_(module.relative_attention_bias.weight, 0.0, d_model**-0.5)
             elif isinstance(module, Attention):
-                nn.init.normal_(module.q_proj.weight, 0.0, (d_model * d_kv) ** -0.5)
-                nn.init.normal_(module.k_proj.weight, 0.0, d_model**-0.5)
-                nn.init.normal_(module.v_proj.weight, 0.0, d_model**-0.5)
-                nn.init.normal_(module.o_proj.weight, 0.0, inner**-0.5)
+                init.normal_(module.q_proj.weight, 0.0, (d_model * d_kv) ** -0.5)
+                init.normal_(module.k_proj.weight, 0.0, d_model**-0.5)
+                init.normal_(module.v_proj.weight, 0.0, d_model**-0.5)
+                init.normal_(module.o_proj.weight, 0.0, inner**-0.5)
             elif isinstance(module, GatedGelu):
-                nn.init.normal_(module.wi_0.weight, 0.0, d_model**-0.5)
-                nn.init.normal_(module.wi_1.weight, 0.0, d_model**-0.5)
-                nn.init.normal_(module.wo.weight, 0.0, cfg.ff_dim**-0.5)
+                init.normal_(module.wi_0.weight, 0.0, d_model**-0.5)
+                init.normal_(module.wi_1.weight, 0.0, d_model**-0.5)
+                init.normal_(module.wo.weight, 0.0, cfg.ff_dim**-0.5)
 
     def encode(
         self,

@@ -11,7 +11,9 @@ CPU, NCCL on CUDA) and `parallelize` wraps the model the way `train.parallel.mod
 - `pp`: two-stage pipeline over micro-batches (`torch.distributed.pipelining`, GPipe schedule):
   rank 0 holds the embedding and the first half of the blocks, rank 1 the rest and the head.
 Data-parallel ranks (ddp, fsdp) take disjoint rows of each global batch; tp and pp ranks share
-theirs. Every rank builds the same full model from the same seed before it is split, so 1 and N
+theirs. For fsdp and tp the model arrives on the meta device and each rank materialises and
+initialises its own pieces afterwards (stages._build_parallel_model; `models.init` draws them as the
+unsplit model would); ddp and pp get a model built whole from the same seed. Either way 1 and N
 ranks start from identical weights.
 """
 
@@ -87,8 +89,9 @@ def setup(mode: str, device: torch.device) -> Dist:
 
 def parallelize(model: nn.Module, d: Dist, cpu_offload: bool = False, activation_checkpointing: str = "none",
                 compile_blocks: bool = False) -> nn.Module:
-    """Wrap `model` (already initialised, identical on every rank) for this job, in torchtitan's
-    order: tensor parallel, activation checkpointing, compile, then the data-parallel wrapper."""
+    """Wrap `model` for this job, in torchtitan's order: tensor parallel, activation checkpointing,
+    compile, then the data-parallel wrapper. fsdp and tp take it on the meta device (to be
+    materialised and initialised after); ddp needs it initialised, identical on every rank."""
     from lmforge.train import memory
 
     if d.world > 1 and d.mode == "tp":

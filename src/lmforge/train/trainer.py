@@ -85,7 +85,11 @@ class Trainer:
         dist: Dist | None = None,
         pipeline: Any = None,
         evaluator: Callable[[nn.Module], dict[str, float]] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        precision: Precision | None = None,
     ):
+        """`model` comes parallelised and initialised (stage_train: meta -> parallelize -> init);
+        `optimizer` and `precision` are built over it outside too (None: from cfg.train here)."""
         self.cfg, self.tc = cfg, cfg.train
         # Validation metrics every eval.every steps (and at the last), logged beside the training loss.
         self.evaluator = evaluator
@@ -103,8 +107,8 @@ class Trainer:
         self.ckpt_dir = Path(ckpt_dir)
         self.metrics = MetricsLog(metrics_path, enabled=self.dist.is_main)  # rank 0 alone writes metrics
         self.progress = progress and self.dist.is_main
-        self.optimizer = build_optimizer(self.model, self.tc.optimizer)
-        self.precision = Precision(self.tc.precision, self.device)
+        self.optimizer = optimizer or build_optimizer(self.model, self.tc.optimizer)
+        self.precision = precision or Precision(self.tc.precision, self.device)
         self.schedule = build_schedule(self.tc.schedule, self.tc.max_steps)
         self.step = 0
         self.tokens_seen = 0
