@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from lmforge.tokens.loader import PackedLoader
-from lmforge.tokens.shards import ShardWriter, TokenDataset
+from lmforge.tokens.shard_writer import ShardWriter
+from lmforge.tokens.shards import TokenDataset
 
 VOCAB = 32768
 EOS = 0

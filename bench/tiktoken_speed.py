@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 LOCALE_DIR = Path("/usr/share/locale/zh_CN/LC_MESSAGES")
-BATCH_DOCS = 1024  # the tokenize stage's batch (lmforge.tokens.shards.ENCODE_BATCH_DOCS)
+BATCH_DOCS = 1024  # the tokenize stage's batch (the stage now batches by lmforge.tokens.shard_writer.doc_batches)
 HANZI = "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可里后"
 
 

@@ -72,7 +72,7 @@ def main() -> None:
     from lmforge.tokenizer.fast_encode import FastEncoder
     from lmforge.tokenizer.tiktoken_file import export_tiktoken
     from lmforge.tokenizer.train import load_tokenizer, train_tokenizer
-    from lmforge.tokens.shards import doc_batches
+    from lmforge.tokens.shard_writer import doc_batches
 
     docs, unique = corpus(args.mb)
     n_val = max(1, int(len(docs) * VAL_SHARE))

@@ -23,7 +23,8 @@ from lmforge.objectives import ObjectiveContext, build_objective
 from lmforge.recipe import load_config
 from lmforge.tokenizer.special_tokens import SpecialTokens
 from lmforge.tokens.loader import PackedLoader
-from lmforge.tokens.shards import ShardWriter, TokenDataset
+from lmforge.tokens.shard_writer import ShardWriter
+from lmforge.tokens.shards import TokenDataset
 from lmforge.train.trainer import Trainer
 
 VOCAB = 4096

@@ -37,7 +37,8 @@ from lmforge.objectives import ObjectiveContext, build_objective
 from lmforge.recipe import load_config
 from lmforge.tokenizer.special_tokens import SpecialTokens
 from lmforge.tokens.loader import PackedLoader
-from lmforge.tokens.shards import ShardWriter, TokenDataset
+from lmforge.tokens.shard_writer import ShardWriter
+from lmforge.tokens.shards import TokenDataset
 from lmforge.train.metrics import flops_per_token, matmul_params
 from lmforge.train.optim import param_groups
 from lmforge.train.trainer import Trainer

@@ -14,7 +14,8 @@ from lmforge.models.decoder import DecoderConfig as ModelConfig
 from lmforge.objectives import ObjectiveContext, build_objective
 from lmforge.objectives.lm import LMConfig
 from lmforge.tokenizer.special_tokens import SpecialTokens
-from lmforge.tokens.shards import ShardWriter, TokenDataset
+from lmforge.tokens.shard_writer import ShardWriter
+from lmforge.tokens.shards import TokenDataset
 
 VOCAB = 50
 

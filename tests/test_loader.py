@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from lmforge.tokenizer.special_tokens import EOS_ID
 from lmforge.tokens.loader import PackedLoader, n_windows, sequential_windows
-from lmforge.tokens.shards import ShardWriter, TokenDataset
+from lmforge.tokens.shard_writer import ShardWriter
+from lmforge.tokens.shards import TokenDataset
 
 N_TOKENS = 600
 VOCAB = 1 << 20

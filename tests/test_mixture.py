@@ -24,7 +24,8 @@ from lmforge.tokens import token_sets
 from lmforge.tokens.loader import PackedLoader, Stage, pack_best_fit
 from lmforge.tokens.mixture import SmoothRoundRobin, resolve_weights
 from lmforge.tokens.permutation import Permutation
-from lmforge.tokens.shards import TokenDataset, doc_batches
+from lmforge.tokens.shard_writer import doc_batches
+from lmforge.tokens.shards import TokenDataset
 from lmforge.tokens.token_sets import open_split, tokenize_split
 
 

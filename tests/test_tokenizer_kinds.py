@@ -282,7 +282,8 @@ def test_import_clears_truncation_and_checks_roles(tmp_path):
 
 def test_vocabulary_over_65536_reaches_uint32_shards(tmp_path):
     from lmforge.data.document import Document
-    from lmforge.tokens.shards import TokenDataset, write_token_shards
+    from lmforge.tokens.shard_writer import write_token_shards
+    from lmforge.tokens.shards import TokenDataset
 
     words = [f"w{i}" for i in range(70_000)]
     big = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))

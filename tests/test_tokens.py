@@ -12,7 +12,8 @@ from lmforge.config import TokenizerConfig
 from lmforge.data.document import Document
 from lmforge.tokenizer.special_tokens import EOS, EOS_ID
 from lmforge.tokenizer.train import tokenizer_hash, train_tokenizer
-from lmforge.tokens.shards import ShardError, ShardWriter, TokenDataset, choose_dtype, write_token_shards
+from lmforge.tokens.shard_writer import ShardWriter, write_token_shards
+from lmforge.tokens.shards import ShardError, TokenDataset, choose_dtype
 
 
 def make_docs(n: int = 300, seed: int = 0) -> list[Document]:

@@ -223,7 +223,8 @@ def test_batch_in_tokens_sets_accumulation_and_the_ramp_grows_it_in_tokens(tmp_p
 
 def test_loss_per_source_is_logged_and_averages_to_the_loss(tmp_path: Path):
     from lmforge.tokens.loader import PackedLoader
-    from lmforge.tokens.shards import ShardWriter, TokenDataset
+    from lmforge.tokens.shard_writer import ShardWriter
+    from lmforge.tokens.shards import TokenDataset
 
     rng = np.random.default_rng(0)
     sets = {}

@@ -12,45 +12,32 @@ whose manifest exists is complete.
 Per set, `{name}.json` lists the shards in order with their counts and checksums, plus the totals.
 The writer removes it before touching any shard and writes it after the last one, so a set whose
 manifest exists is complete; TokenDataset opens exactly the shards it lists and nothing else.
+
+The writer (ShardWriter, write_token_shards) is in shard_writer.py; this module holds the format
+and TokenDataset, the reader.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import json
 import re
 import struct
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xxhash
-from tokenizers import Tokenizer
-from tqdm import tqdm
-
-from lmforge.data.document import Document
-from lmforge.io_utils import AtomicFile, atomic_write_bytes, atomic_write_json
-from lmforge.tokenizer.special_tokens import load_special_tokens
-from lmforge.tokenizer.train import tokenizer_hash
 
 INDEX_MAGIC = b"LMFIDX\x00\x00"
 INDEX_VERSION = 1
-_HEADER = struct.Struct("<8sIIQ")  # magic, version, reserved, n_docs
+INDEX_HEADER = struct.Struct("<8sIIQ")  # magic, version, reserved, n_docs
 MANIFEST_FORMAT = "lmforge-token-shard"
 SET_FORMAT = "lmforge-token-shard-set"
 SET_VERSION = 2  # 2: unigram counts beside the set
 _RETOKENIZE = "re-run `lmforge tokenize`"
 # What the set manifest repeats from each shard's own manifest; TokenDataset checks they agree.
-_LISTED_KEYS = ("n_tokens", "n_docs", "n_bytes", "bin_xxh64", "idx_xxh64")
-ENCODE_BATCH_DOCS = 256  # documents per encoder call, at most
-# ...and about this many characters: the first batch is read before any encoding starts and the
-# last one is written after it ends, so small batches keep that unoverlapped time short.
-ENCODE_BATCH_CHARS = 1 << 18
-# Buffer this many tokens before a write: few syscalls, yet small enough that the counting, casting
-# and hashing of a flush overlap the encoder instead of piling up at the end of a shard.
-_FLUSH_TOKENS = 1 << 18
+LISTED_KEYS = ("n_tokens", "n_docs", "n_bytes", "bin_xxh64", "idx_xxh64")
 _HASH_BLOCK = 1 << 24
 
 
@@ -81,14 +68,14 @@ def _shard_pattern(name: str) -> re.Pattern[str]:
     return re.compile(re.escape(name) + r"-(\d{5})\.(bin|idx|json)")
 
 
-def _shard_files(out_dir: Path, name: str) -> list[Path]:
+def shard_files(out_dir: Path, name: str) -> list[Path]:
     pattern = _shard_pattern(name)
     return sorted(p for p in out_dir.iterdir() if pattern.fullmatch(p.name))
 
 
-def _index_layout(n_docs: int) -> tuple[int, int, int, int]:
+def index_layout(n_docs: int) -> tuple[int, int, int, int]:
     """Byte offsets of (offsets, source ids, doc bytes) in a .idx file and its total size."""
-    off_at = _HEADER.size
+    off_at = INDEX_HEADER.size
     src_at = off_at + 8 * (n_docs + 1)
     bytes_at = src_at + -(-2 * n_docs // 8) * 8  # source ids padded so the uint64 array is aligned
     return off_at, src_at, bytes_at, bytes_at + 8 * n_docs
@@ -113,285 +100,6 @@ def load_counts(path: Path, vocab_size: int) -> np.ndarray:
     if counts.shape != (vocab_size,) or counts.dtype != np.int64:
         raise ShardError(f"{path}: counts of shape {counts.shape} {counts.dtype}, expected ({vocab_size},) int64")
     return counts
-
-
-# ---------------------------------------------------------------- writing
-
-
-class ShardWriter:
-    """Append documents' token ids; shards roll over at `max_shard_tokens`.
-
-    Use as a context manager: entering removes the old set of this name (its set manifest first); on
-    a clean exit the last shard is finished, the set manifest written and `summary` set; on an
-    exception the unfinished shard's temporary file is removed and no set manifest is written, so
-    the finished shards stay unreadable as a set. A document is never split across shards, so a
-    single document longer than `max_shard_tokens` gets an oversized shard of its own.
-    """
-
-    def __init__(
-        self,
-        out_dir: Path,
-        name: str,
-        tokenizer_sha256: str,
-        vocab_size: int,
-        dtype: str = "auto",
-        max_shard_tokens: int = 2**31,
-        eos_id: int = 0,
-    ):
-        if max_shard_tokens < 1:
-            raise ValueError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
-        self.out_dir = Path(out_dir)
-        self.name = name
-        self.tokenizer_sha256 = tokenizer_sha256
-        self.vocab_size = vocab_size
-        self.dtype = choose_dtype(vocab_size, dtype)
-        self.max_shard_tokens = max_shard_tokens
-        self.eos_id = eos_id  # the tokenizer's end-of-document role, appended after every document
-        self._eos = np.array([eos_id], dtype=np.int64)
-        self.summary: dict[str, Any] | None = None
-        self._n_shards = 0
-        self._listing: list[dict[str, Any]] = []  # one entry per finished shard, for the set manifest
-        self._totals: dict[str, dict[str, int]] = {}
-        # Unigram counts of the whole set (EOS included), kept so evaluation never rescans the corpus.
-        self.counts = np.zeros(vocab_size, dtype=np.int64)
-        self._out: AtomicFile | None = None  # the shard being written
-        self._resume: dict[str, Any] | None = None
-
-    def resume(self, state: dict[str, Any]) -> ShardWriter:
-        """Continue a set from `progress()` of an interrupted writer: its finished shards are kept,
-        anything written after them is removed on enter. Call before entering."""
-        self._resume = state
-        return self
-
-    def progress(self) -> dict[str, Any]:
-        """What `resume` needs, valid right after `roll()` (no shard open). Counts travel separately
-        (`save_counts`), being vocabulary-sized."""
-        assert self._out is None, "progress() is taken between shards"
-        return {"n_shards": self._n_shards, "listing": self._listing, "totals": self._totals}
-
-    def __enter__(self) -> ShardWriter:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        # The set manifest goes first: from here until __exit__ writes a new one, the set is
-        # unreadable, so a crash part-way can never leave old and new shards that open as one set.
-        set_manifest_path(self.out_dir, self.name).unlink(missing_ok=True)
-        keep = set()
-        if self._resume is not None:
-            self._n_shards = int(self._resume["n_shards"])
-            self._listing = list(self._resume["listing"])
-            self._totals = {k: dict(v) for k, v in self._resume["totals"].items()}
-            keep = {f"{e['stem']}.{ext}" for e in self._listing for ext in ("bin", "idx", "json")}
-            self.counts = load_counts(self.counts_path(partial=True), self.vocab_size)
-        for p in _shard_files(self.out_dir, self.name):
-            if p.name not in keep:
-                p.unlink()
-        return self
-
-    def counts_path(self, partial: bool = False) -> Path:
-        return self.out_dir / f"{self.name}.counts{'.partial' if partial else ''}.npy"
-
-    def roll(self) -> None:
-        """Finish the open shard now (a checkpoint boundary for a resumable writer)."""
-        if self._out is not None:
-            self._finish_shard()
-
-    def save_counts(self, partial: bool = False) -> str:
-        """Write the unigram counts atomically (np.save, no pickle); returns their xxh64."""
-        buf = io.BytesIO()
-        np.save(buf, self.counts, allow_pickle=False)
-        data = buf.getvalue()
-        atomic_write_bytes(self.counts_path(partial), data)
-        return xxhash.xxh64(data).hexdigest()
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            if self._out is not None:
-                self._out.abort()
-            return
-        if self._out is not None or self._n_shards == 0:
-            self._finish_shard()  # with no documents at all, an empty shard keeps the set openable
-        counts_xxh64 = self.save_counts()
-        self.counts_path(partial=True).unlink(missing_ok=True)
-        self._write_set_manifest(counts_xxh64)
-        self.summary = self._summary()
-
-    def add(self, ids: np.ndarray | list[int], source: str, n_bytes: int) -> None:
-        """One document's token ids (without EOS; it is appended here) and its UTF-8 length."""
-        ids = np.asarray(ids)  # range-checked at the flush, once per buffer, before the cast to dtype
-        n = ids.size + 1
-        if self._out is not None and self._shard_tokens + n > self.max_shard_tokens:
-            self._finish_shard()
-        if self._out is None:
-            self._start_shard()
-        source_id = self._sources.setdefault(source, len(self._sources))
-        if source_id >= 2**16:
-            raise ValueError("more than 65536 sources in one shard")
-        self._buffer.append(ids)
-        self._buffer.append(self._eos)
-        self._buffered += n
-        self._shard_tokens += n
-        self._starts.append(self._shard_tokens)
-        self._source_ids.append(source_id)
-        self._doc_bytes.append(n_bytes)
-        stats = self._per_source.setdefault(source, {"docs": 0, "tokens": 0, "bytes": 0})
-        stats["docs"] += 1
-        stats["tokens"] += n
-        stats["bytes"] += n_bytes
-        if self._buffered >= _FLUSH_TOKENS:
-            self._flush()
-
-    def _start_shard(self) -> None:
-        self._stem = shard_stem(self.name, self._n_shards)
-        self._out = AtomicFile(self.out_dir / f"{self._stem}.bin")
-        self._hash = xxhash.xxh64()
-        self._buffer: list[np.ndarray] = []
-        self._buffered = 0
-        self._shard_tokens = 0
-        self._starts = [0]
-        self._source_ids: list[int] = []
-        self._doc_bytes: list[int] = []
-        self._sources: dict[str, int] = {}
-        self._per_source: dict[str, dict[str, int]] = {}
-
-    def _flush(self) -> None:
-        assert self._out is not None
-        if self._buffer:
-            tokens = np.concatenate(self._buffer, dtype=np.int64, casting="unsafe")  # ids are < 2^32
-            if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
-                bad = int(tokens.max()) if int(tokens.max()) >= self.vocab_size else int(tokens.min())
-                raise ValueError(f"token id {bad} out of range [0, {self.vocab_size}) in {self.out_dir / self._stem}")
-            self.counts += np.bincount(tokens, minlength=self.vocab_size)[: self.vocab_size]
-            data = tokens.astype(self.dtype, copy=False).tobytes()
-            self._out.file.write(data)
-            self._hash.update(data)
-        self._buffer = []
-        self._buffered = 0
-
-    def _finish_shard(self) -> None:
-        if self._out is None:
-            self._start_shard()
-        assert self._out is not None
-        self._flush()
-        self._out.commit()
-        self._out = None
-
-        n_docs = len(self._source_ids)
-        _, src_at, bytes_at, size = _index_layout(n_docs)
-        index = bytearray(size)
-        _HEADER.pack_into(index, 0, INDEX_MAGIC, INDEX_VERSION, 0, n_docs)
-        index[_HEADER.size : src_at] = np.asarray(self._starts, dtype="<u8").tobytes()
-        index[src_at : src_at + 2 * n_docs] = np.asarray(self._source_ids, dtype="<u2").tobytes()
-        index[bytes_at:] = np.asarray(self._doc_bytes, dtype="<u8").tobytes()
-        atomic_write_bytes(self.out_dir / f"{self._stem}.idx", bytes(index))
-
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "version": INDEX_VERSION,
-            "name": self.name,
-            "shard": self._n_shards,
-            "tokenizer_sha256": self.tokenizer_sha256,
-            "vocab_size": self.vocab_size,
-            "dtype": self.dtype.name,
-            "n_tokens": self._shard_tokens,
-            "n_docs": n_docs,
-            "n_bytes": sum(self._doc_bytes),
-            "source_names": list(self._sources),
-            "sources": self._per_source,
-            "bin_xxh64": self._hash.hexdigest(),
-            "idx_xxh64": xxhash.xxh64(bytes(index)).hexdigest(),
-        }
-        atomic_write_json(self.out_dir / f"{self._stem}.json", manifest)
-        self._listing.append({"stem": self._stem, **{k: manifest[k] for k in _LISTED_KEYS}})
-        for source, stats in self._per_source.items():
-            total = self._totals.setdefault(source, {"docs": 0, "tokens": 0, "bytes": 0})
-            for key, value in stats.items():
-                total[key] += value
-        self._n_shards += 1
-
-    def _write_set_manifest(self, counts_xxh64: str) -> None:
-        """Written last: its presence is what marks the set complete."""
-        manifest = {
-            "format": SET_FORMAT,
-            "version": SET_VERSION,
-            "name": self.name,
-            "tokenizer_sha256": self.tokenizer_sha256,
-            "vocab_size": self.vocab_size,
-            "dtype": self.dtype.name,
-            "n_shards": self._n_shards,
-            **{key: sum(entry[key] for entry in self._listing) for key in ("n_tokens", "n_docs", "n_bytes")},
-            "shards": self._listing,
-            "counts_xxh64": counts_xxh64,
-        }
-        atomic_write_json(set_manifest_path(self.out_dir, self.name), manifest)
-
-    def _summary(self) -> dict[str, Any]:
-        sources = {s: {**t, "bytes_per_token": _bytes_per_token(t)} for s, t in self._totals.items()}
-        totals = {k: sum(t[k] for t in self._totals.values()) for k in ("docs", "tokens", "bytes")}
-        return {
-            "name": self.name,
-            "dir": str(self.out_dir),
-            "n_shards": self._n_shards,
-            "n_docs": totals["docs"],
-            "n_tokens": totals["tokens"],
-            "n_bytes": totals["bytes"],
-            "bytes_per_token": _bytes_per_token(totals),
-            "dtype": self.dtype.name,
-            "tokenizer_sha256": self.tokenizer_sha256,
-            "sources": sources,
-        }
-
-
-def _bytes_per_token(stats: dict[str, int]) -> float:
-    # Text tokens only: the EOS separators carry no bytes and would flatter short documents.
-    text_tokens = stats["tokens"] - stats["docs"]
-    return stats["bytes"] / text_tokens if text_tokens > 0 else 0.0
-
-
-def write_token_shards(
-    docs: Iterable[Document],
-    tokenizer: Tokenizer,
-    tokenizer_path: Path,
-    out_dir: Path,
-    name: str,
-    dtype: str = "auto",
-    max_shard_tokens: int = 2**31,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Tokenize `docs` into `out_dir/{name}-NNNNN.{bin,idx,json}` plus the set manifest `{name}.json`;
-    return totals and per-source stats."""
-    eos_id = load_special_tokens(tokenizer_path, tokenizer).eos
-    writer = ShardWriter(
-        out_dir, name, tokenizer_hash(tokenizer_path), tokenizer.get_vocab_size(), dtype, max_shard_tokens, eos_id
-    )
-    # A document quoting "<|endoftext|>" must not produce a real EOS, or it would split in two.
-    previous = tokenizer.encode_special_tokens
-    tokenizer.encode_special_tokens = True
-    try:
-        with writer, tqdm(desc=f"tokenize {name}", unit="doc", disable=not progress) as bar:
-            for batch in doc_batches(docs):
-                encodings = tokenizer.encode_batch([d.text for d in batch], add_special_tokens=False)
-                for doc, enc in zip(batch, encodings, strict=True):
-                    writer.add(enc.ids, doc.source, doc.n_bytes)
-                bar.update(len(batch))
-    finally:
-        tokenizer.encode_special_tokens = previous
-    assert writer.summary is not None
-    return writer.summary
-
-
-def doc_batches(
-    docs: Iterable[Document], max_docs: int = ENCODE_BATCH_DOCS, max_chars: int = ENCODE_BATCH_CHARS
-) -> Iterator[list[Document]]:
-    """Consecutive documents, a batch ending at `max_docs` documents or `max_chars` characters."""
-    batch: list[Document] = []
-    chars = 0
-    for doc in docs:
-        batch.append(doc)
-        chars += len(doc.text)
-        if len(batch) == max_docs or chars >= max_chars:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
 
 
 # ---------------------------------------------------------------- reading
@@ -437,7 +145,7 @@ class _Shard:
     def _read_index(self) -> None:
         """Header and sizes checked now; the arrays are memory-mapped, read only where used (a rank
         never copies a billion-document index into memory). `verify` checks their contents."""
-        off_at, src_at, bytes_at, size = _index_layout(self.n_docs)
+        off_at, src_at, bytes_at, size = index_layout(self.n_docs)
         actual = self.idx_path.stat().st_size
         if actual != size:
             raise ShardError(
@@ -445,7 +153,7 @@ class _Shard:
                 "the file is truncated or corrupted"
             )
         with open(self.idx_path, "rb") as f:
-            magic, version, _, n_docs = _HEADER.unpack(f.read(_HEADER.size))
+            magic, version, _, n_docs = INDEX_HEADER.unpack(f.read(INDEX_HEADER.size))
         if magic != INDEX_MAGIC or version != INDEX_VERSION or n_docs != self.n_docs:
             raise ShardError(f"{self.idx_path}: bad header (magic {magic!r}, version {version}, {n_docs} docs)")
         n = self.n_docs
@@ -475,7 +183,7 @@ def _read_set_manifest(out_dir: Path, name: str) -> dict[str, Any]:
     """The set manifest, checked for format and for naming its shards `{name}-00000`, ... in order."""
     path = set_manifest_path(out_dir, name)
     if not path.is_file():
-        if _shard_files(out_dir, name):
+        if shard_files(out_dir, name):
             raise ShardError(
                 f"incomplete shard set: {path} is missing, so tokenization of {name!r} did not finish "
                 f"(or the shards predate set manifests); {_RETOKENIZE}"
@@ -503,7 +211,7 @@ def _read_set_manifest(out_dir: Path, name: str) -> dict[str, Any]:
 def _check_no_unlisted_shards(out_dir: Path, name: str, stems: list[str]) -> None:
     """Shards the manifest does not list are left over from another run: refuse rather than guess."""
     listed = set(stems)
-    for p in _shard_files(out_dir, name):
+    for p in shard_files(out_dir, name):
         if p.name.rsplit(".", 1)[0] not in listed:
             raise ShardError(
                 f"{p}: shard not listed in {set_manifest_path(out_dir, name)}; the directory mixes shard sets, "
@@ -513,7 +221,7 @@ def _check_no_unlisted_shards(out_dir: Path, name: str, stems: list[str]) -> Non
 
 def _check_listed(shard: _Shard, entry: dict[str, Any], set_manifest: dict[str, Any], set_path: Path) -> None:
     """A shard must be the one the set manifest recorded, not a same-named one from another run."""
-    expected = {k: entry.get(k) for k in _LISTED_KEYS}
+    expected = {k: entry.get(k) for k in LISTED_KEYS}
     expected |= {k: set_manifest[k] for k in ("tokenizer_sha256", "dtype")}
     for key, want in expected.items():
         if shard.manifest.get(key) != want:

@@ -24,13 +24,8 @@ from tqdm import tqdm
 
 from lmforge.data.document import Document
 from lmforge.io_utils import atomic_write_json
-from lmforge.tokens.shards import (
-    ShardError,
-    ShardWriter,
-    TokenDataset,
-    doc_batches,
-    set_manifest_path,
-)
+from lmforge.tokens.shard_writer import ShardWriter, doc_batches
+from lmforge.tokens.shards import ShardError, TokenDataset, set_manifest_path
 
 SPLIT_FORMAT = "lmforge-token-split"
 SPLIT_VERSION = 1
