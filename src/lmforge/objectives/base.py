@@ -132,9 +132,17 @@ def scored(output: Any, ex: Example) -> tuple[torch.Tensor, torch.Tensor, torch.
     return logits, ex.labels, ex.loss_mask
 
 
-def loss_sums(output: Any, ex: Example) -> dict[str, torch.Tensor]:
-    """Summed losses (nats, fp32) per term; divide each by its total from `target_counts`."""
-    sums = {"lm": masked_nll(*scored(output, ex))}
+def token_losses(output: Any, ex: Example, nll: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """Loss of each scored position (0 where loss_mask is 0), computed by `nll` (default `token_nll`;
+    the trainer passes a compiled one under train.compile). Pass it to `loss_sums` and (detached)
+    `row_losses`, so the vocabulary-wide log-softmax runs once per micro-batch."""
+    return (nll or token_nll)(*scored(output, ex))
+
+
+def loss_sums(output: Any, ex: Example, losses: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Summed losses (nats, fp32) per term; divide each by its total from `target_counts`.
+    `losses`: this micro-batch's `token_losses`, if already computed."""
+    sums = {"lm": (losses if losses is not None else token_losses(output, ex)).sum()}
     if ex.nsp_labels is not None:
         if not isinstance(output, dict) or "nsp_logits" not in output:
             raise ValueError("the example has NSP labels but the model has no NSP head (model.nsp_head)")
@@ -155,12 +163,13 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tenso
     return (losses * loss_mask.flatten().float()).view(labels.shape)
 
 
-def row_losses(output: Any, ex: Example) -> tuple[torch.Tensor, torch.Tensor]:
+def row_losses(output: Any, ex: Example, losses: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed nats, target count) of each row [B], detached: the per-source breakdown of the
-    token loss. Sparse MLM logits are mapped back to their rows."""
+    token loss (from `losses`, this micro-batch's `token_losses`, when given). Sparse MLM logits are
+    mapped back to their rows."""
     logits, labels, loss_mask = scored(output, ex)
     with torch.no_grad():
-        nll = token_nll(logits.detach(), labels, loss_mask)
+        nll = losses.detach() if losses is not None else token_nll(logits.detach(), labels, loss_mask)
         if ex.predict_positions is not None and model_logits(output).dim() == 2:
             rows = ex.predict_positions.nonzero()[:, 0]
             B = ex.input_ids.shape[0]
