@@ -320,3 +320,19 @@ if True:
     ]
     with pytest.raises(SyntaxError):
         list(docstrings("def broken(:\n"))
+
+
+def test_text_only_reading_matches_and_survives_what_orjson_refuses(tmp_path):
+    """read_documents(meta=False) (the tokenize stage's fast path, orjson) gives the same ids, texts
+    and sources; meta holding NaN (which json writes) or a 100-bit integer falls back to json, and
+    the full read keeps such meta exactly."""
+    docs = [Document(f"d{i}", f"text {i} 模型", "web", {"score": s, "big": 2**100 + i})
+            for i, s in enumerate([0.5, float("nan"), float("inf")])]
+    with ShardWriter(tmp_path / "shards", docs_per_shard=2) as w:
+        for d in docs:
+            w.write(d)
+    fast = list(read_documents(tmp_path / "shards", meta=False))
+    assert [(d.id, d.text, d.source, d.meta) for d in fast] == [(d.id, d.text, d.source, {}) for d in docs]
+    full = list(read_documents(tmp_path / "shards"))
+    assert [d.meta["big"] for d in full] == [2**100 + i for i in range(3)]
+    assert full[0].meta["score"] == 0.5 and full[1].meta["score"] != full[1].meta["score"]  # NaN

@@ -95,3 +95,18 @@ def test_nccl_wrappers_give_the_single_process_losses(prepared, tmp_path, mode):
     options = ["train.parallel.mode=fsdp", "train.parallel.cpu_offload=true"] if mode == "fsdp+offload" else [
         f"train.parallel.mode={mode}"]
     close(losses(train(clone(prepared, tmp_path / mode), *options, torchrun=True)), one)
+
+
+def test_a_model_built_on_the_gpu_starts_from_the_cpu_weights():
+    """models.init draws on the CPU generator whatever the device, so a seed means the same weights
+    on CPU and GPU (and in every parallel layout, tests/test_distributed.py)."""
+    from lmforge.models import build_model
+    from lmforge.recipe import load_config
+
+    cfg = load_config(None, ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.vocab_size=300"]).model
+    torch.manual_seed(0)
+    on_cpu = build_model(cfg)
+    torch.manual_seed(0)
+    on_gpu = build_model(cfg, device="cuda")
+    for (name, a), (_, b) in zip(on_cpu.named_parameters(), on_gpu.named_parameters(), strict=True):
+        assert torch.equal(a, b.cpu()), name

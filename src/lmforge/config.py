@@ -125,7 +125,9 @@ class CurriculumStage:
 @dataclass
 class TokensConfig:
     dtype: Literal["auto", "uint16", "uint32"] = "auto"
-    threads: int = 0  # `lmforge tokenize` encoder threads; 0: every core this process may use
+    # `lmforge tokenize`'s tiktoken threads; 0: every core this process may use. The `tokenizers`
+    # fallback parallelises inside its own calls (RAYON_NUM_THREADS sets its pool).
+    threads: int = 0
     packing: Literal["greedy", "best_fit"] = "greedy"  # best_fit: every row starts at a document start
     long_docs: Literal["crop", "split"] = "crop"  # best_fit: a document longer than a row
     block_docs: int = 1024  # best_fit packs this many shuffled documents at a time

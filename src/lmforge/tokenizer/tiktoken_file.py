@@ -33,7 +33,7 @@ from lmforge.tokenizer.train import tokenizer_hash
 RANKS_NAME = "tokenizer.tiktoken"
 META_NAME = "tiktoken.json"
 FORMAT = "lmforge-tiktoken"
-VERSION = 1
+VERSION = 1  # bump when fast_encode's checks change: older exports are then checked again
 
 
 def export_tiktoken(tokenizer_path: Path) -> str:
@@ -42,7 +42,8 @@ def export_tiktoken(tokenizer_path: Path) -> str:
     tokenizer_path = Path(tokenizer_path)
     ranks_path, meta_path = tokenizer_path.with_name(RANKS_NAME), tokenizer_path.with_name(META_NAME)
     meta_path.unlink(missing_ok=True)  # the marker goes first, so a crash never pairs old and new files
-    meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "tokenizer_sha256": tokenizer_hash(tokenizer_path)}
+    meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "tokenizer_sha256": tokenizer_hash(tokenizer_path),
+                            "tiktoken_version": _tiktoken_version()}
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     try:
         path = build_tiktoken_path(tokenizer, specials_as_text=True)
@@ -76,6 +77,10 @@ def load_export(tokenizer_path: Path) -> Ranks | str | None:
     if meta.get("tokenizer_sha256") != tokenizer_hash(tokenizer_path):
         return None
     if not meta.get("available"):
+        # A refusal may come from tiktoken itself (its regex engine, a panic, not installed): another
+        # tiktoken is asked again.
+        if meta.get("tiktoken_version") != _tiktoken_version():
+            return None
         return str(meta.get("reason", "recorded as unavailable"))
     try:
         data = tokenizer_path.with_name(RANKS_NAME).read_bytes()
@@ -89,6 +94,14 @@ def load_export(tokenizer_path: Path) -> Ranks | str | None:
         ranks[base64.b64decode(token)] = int(rank)
     ids = meta.get("ids_by_rank")
     return ranks, None if ids is None else dict(enumerate(ids))
+
+
+def _tiktoken_version() -> str | None:
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    return str(tiktoken.__version__)
 
 
 def encoder_for(tokenizer: Tokenizer, tokenizer_path: Path, threads: int | None = None) -> FastEncoder:

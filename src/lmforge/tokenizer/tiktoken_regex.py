@@ -28,15 +28,15 @@ _UNSAFE_ESCAPES = frozenset("wWbBhHRXKGAzZQEyYOoNkg123456789")
 # \p{..} names whose members were compared over every code point and agree in both engines: the
 # general categories and these scripts. Others (Word, Alnum, InBasicLatin..) are POSIX-like or
 # engine-specific.
-_SAFE_PROPERTIES = frozenset(
-    """L Lu Ll Lt Lm Lo M Mn Mc Me N Nd Nl No P Pc Pd Ps Pe Pi Pf Po S Sm Sc Sk So Z Zs Zl Zp C Cc Cf Co Cn
-    Han Latin Greek Cyrillic Hiragana Katakana Hangul Arabic Hebrew Thai Devanagari Common Inherited""".split()  # noqa: SIM905
-)
+_CATEGORIES = "L Lu Ll Lt Lm Lo M Mn Mc Me N Nd Nl No P Pc Pd Ps Pe Pi Pf Po S Sm Sc Sk So Z Zs Zl Zp C Cc Cf Co Cn"
+_SCRIPTS = "Han Latin Greek Cyrillic Hiragana Katakana Hangul Arabic Hebrew Thai Devanagari Common Inherited"
+_SAFE_PROPERTIES = frozenset(f"{_CATEGORIES} {_SCRIPTS}".split())
 # Groups both engines read alike; anything else ((?x) flags, (?~absent), named groups) is refused.
 _SAFE_GROUPS = ("(?:", "(?=", "(?!", "(?<=", "(?<!", "(?>")
 # Under (?i) Oniguruma also matches one character against several (ß ~ "ss", ﬆ ~ "st"); fancy-regex
 # never does. These are the ASCII sequences some single character folds to.
 _MULTI_FOLDS = ("ss", "st", "ff", "fi", "fl")
+
 
 def tiktoken_pattern(pre: dict[str, Any] | None) -> tuple[str, str | None]:
     """(the regex tiktoken splits with, the Split regex if any), for the two forms lmforge writes."""

@@ -41,6 +41,7 @@ ENCODE_BATCH_CHARS = 1 << 18
 # and hashing of a flush overlap the encoder instead of piling up at the end of a shard.
 _FLUSH_TOKENS = 1 << 18
 
+
 class ShardWriter:
     """Append documents' token ids; shards roll over at `max_shard_tokens`.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -26,6 +27,11 @@ from lmforge.data.document import Document
 from lmforge.io_utils import atomic_write_json
 from lmforge.tokens.shard_writer import ShardWriter, doc_batches
 from lmforge.tokens.shards import ShardError, TokenDataset, set_manifest_path
+
+
+class TokenizeStopped(RuntimeError):
+    """A split tokenized beside another stopped because the other one failed."""
+
 
 SPLIT_FORMAT = "lmforge-token-split"
 SPLIT_VERSION = 1
@@ -58,11 +64,13 @@ def tokenize_split(
     progress: bool = True,
     encoders: Executor | None = None,
     ahead: int = 2,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Encode the documents of `inputs` (document shards, read by `read`) into one token set per
     source; resume after the last finished input shard when progress.json matches. Returns the
     split manifest. `encode` runs on the `encoders` threads (None: one of its own), which splits
-    tokenized together may share, with up to `ahead` batches queued."""
+    tokenized together may share, with up to `ahead` batches queued. Setting `stop` (another split
+    failed) ends it at its next batch with TokenizeStopped."""
     tokens_dir = Path(tokens_dir)
     out_dir = tokens_dir / split
     split_manifest_path(tokens_dir, split).unlink(missing_ok=True)  # incomplete from here on
@@ -90,6 +98,8 @@ def tokenize_split(
         with tqdm(desc=f"tokenize {split}", unit="doc", disable=not progress) as bar:
             for k in range(done, len(inputs)):
                 for batch, ids in _encoded(doc_batches(read(inputs[k])), encode, encoders, ahead):
+                    if stop is not None and stop.is_set():
+                        raise TokenizeStopped(f"tokenize {split}: stopped because another split failed")
                     for doc, doc_ids in zip(batch, ids, strict=True):
                         writer(doc.source).add(doc_ids, doc.source, doc.n_bytes)
                     bar.update(len(batch))

@@ -113,7 +113,7 @@ class Trainer:
         # Under train.compile the loss is compiled too: the cast of the logits to fp32, the log-softmax
         # and the gather fuse into one pass over the [tokens, vocab] logits (a GPU profile of the 125M
         # recipe found the separate fp32 copy and log-softmax ~26% of a step).
-        self._token_nll = torch.compile(token_nll, dynamic=True) if self.tc.compile else token_nll
+        self._token_nll = torch.compile(token_nll) if self.tc.compile else token_nll
         self.step = 0
         self.tokens_seen = 0
         # Rows trained on, the schedule's clock: rows / (batch_size x grad_accum) full steps, so a step
