@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +98,7 @@ def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     from lmforge.tokenizer.special_tokens import load_special_tokens
     from lmforge.tokenizer.tiktoken_file import encoder_for
     from lmforge.tokenizer.train import load_tokenizer, tokenizer_hash
-    from lmforge.tokens.token_sets import TokenizeStopped, tokenize_split
+    from lmforge.tokens.token_sets import tokenize_splits
 
     paths = RunPaths(cfg.out)
     tok = load_tokenizer(_need(paths.tokenizer, "tokenizer"))
@@ -117,29 +115,8 @@ def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 
     inputs = {split: shard_paths(_need(paths.data / split, "data")) for split in ("train", "val")}
     read_text = functools.partial(read_documents, meta=False)  # the stage needs id, text and source
-
-    stop = threading.Event()  # set by a failing split: the other one stops at its next batch
-
-    def run(split: str, encoders: ThreadPoolExecutor) -> dict[str, Any]:
-        try:
-            return tokenize_split(inputs[split], read_text, encode, paths.tokens, split,
-                                  tokenizer_hash(paths.tokenizer), tok.get_vocab_size(), eos, dtype=cfg.tokens.dtype,
-                                  progress=progress, encoders=encoders, ahead=2 * workers, stop=stop)
-        except BaseException:
-            stop.set()
-            raise
-
-    # val runs beside train on the same encoder threads, so the cores never idle while one split
-    # reads its first batch or finishes its sets.
-    with ThreadPoolExecutor(workers, thread_name_prefix="encode") as encoders, \
-            ThreadPoolExecutor(1, thread_name_prefix="tokenize-val") as side:
-        val = side.submit(run, "val", encoders)
-        try:
-            train = run("train", encoders)
-        except TokenizeStopped:
-            val.result()  # val failed first: its own error is the one to report
-            raise
-        out = {"train": train, "val": val.result()}
+    out = tokenize_splits(inputs, read_text, encode, paths.tokens, tokenizer_hash(paths.tokenizer),
+                          tok.get_vocab_size(), eos, workers, dtype=cfg.tokens.dtype, progress=progress)
     return {**out, "encoder": encoder.backend}
 
 

@@ -117,6 +117,48 @@ def tokenize_split(
     return manifest
 
 
+def tokenize_splits(
+    inputs: dict[str, list[Path]],
+    read: Callable[[Path], Iterable[Document]],
+    encode: Encode,
+    tokens_dir: Path,
+    tokenizer_sha256: str,
+    vocab_size: int,
+    eos_id: int,
+    workers: int,
+    dtype: str = "auto",
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """`tokenize_split` of every split in `inputs`, side by side on one pool of `workers` encoder
+    threads: the cores never idle while one split reads its first batch or finishes its sets (val,
+    a few percent of the text, would otherwise run alone at the end). The first split runs in this
+    thread, the others beside it; one that fails stops the rest at their next batch, and its own
+    error is the one raised. Returns {split: manifest}."""
+    stop = threading.Event()
+
+    def run(split: str, encoders: Executor) -> dict[str, Any]:
+        try:
+            return tokenize_split(inputs[split], read, encode, tokens_dir, split, tokenizer_sha256, vocab_size,
+                                  eos_id, dtype=dtype, progress=progress, encoders=encoders, ahead=2 * workers,
+                                  stop=stop)
+        except BaseException:
+            stop.set()
+            raise
+
+    first, *others = inputs
+    with ThreadPoolExecutor(workers, thread_name_prefix="encode") as encoders, \
+            ThreadPoolExecutor(max(len(others), 1), thread_name_prefix="tokenize-split") as side:
+        beside = {split: side.submit(run, split, encoders) for split in others}
+        try:
+            out = {first: run(first, encoders)}
+        except TokenizeStopped:
+            for future in beside.values():
+                if not isinstance(future.exception(), TokenizeStopped | None):
+                    future.result()  # the split that failed first: its own error
+            raise
+        return {**out, **{split: future.result() for split, future in beside.items()}}
+
+
 def _encoded(
     batches: Iterable[list[Document]], encode: Encode, encoders: Executor | None, ahead: int
 ) -> Iterator[tuple[list[Document], Sequence]]:
