@@ -71,7 +71,7 @@ def stage_tokenizer(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         tok = import_tokenizer(cfg.tokenizer.from_, paths.tokenizer)
         return {"path": str(paths.tokenizer), "vocab_size": tok.get_vocab_size(), "from": cfg.tokenizer.from_,
                 "tiktoken": _export_tiktoken(paths.tokenizer, progress)}
-    docs = read_documents(_need(paths.data / "train", "data"))
+    docs = read_documents(_need(paths.data / "train", "data"), meta=False)  # texts are what it trains on
     ledger = json.loads(_need(paths.data / "ledger.json", "data").read_text(encoding="utf-8"))
     corpus_bytes = ledger["totals"]["bytes_kept"]
     rate = min(1.0, 1.1 * cfg.tokenizer.max_train_bytes / max(corpus_bytes, 1))  # 10% slack; the budget caps it
@@ -381,8 +381,8 @@ def _zero_shot(cfg: RunConfig, paths: RunPaths, model: torch.nn.Module, trained:
     tasks = [t for t in cfg.eval.tasks if t != "builtin"]
     if "builtin" in cfg.eval.tasks:
         try:
-            tasks.append(str(builtin_task_file(paths.root / "eval" / "tasks", read_documents(paths.data / "val"),
-                                               exclude=read_documents(paths.data / "train"))))
+            held_out, train = (read_documents(paths.data / split, meta=False) for split in ("val", "train"))
+            tasks.append(str(builtin_task_file(paths.root / "eval" / "tasks", held_out, exclude=train)))
         except ValueError as e:  # too few held-out documents for a task: said, not fatal
             out["zero_shot_skipped"] = f"builtin: {e}"
     if not tasks:
@@ -390,7 +390,7 @@ def _zero_shot(cfg: RunConfig, paths: RunPaths, model: torch.nn.Module, trained:
     tok = load_tokenizer(paths.tokenizer)
     special = load_special_tokens(paths.tokenizer, tok)
     out["zero_shot"] = evaluate_tasks(model, tok, special, tasks, trained.model.family, device, cfg.eval.batch_size)
-    out["contamination"] = contamination(tasks, read_documents(paths.data / "train"))
+    out["contamination"] = contamination(tasks, read_documents(paths.data / "train", meta=False))
     return out
 
 

@@ -84,7 +84,7 @@ def tokenizer_report(cfg: RunConfig, split: str = "val", max_bytes_per_source: i
 
     paths = RunPaths(cfg.out)
     tokenizer = load_tokenizer(_need(paths.tokenizer, "tokenizer"))
-    docs = read_documents(_need(paths.data / split, "data"))
+    docs = read_documents(_need(paths.data / split, "data"), meta=False)
     rows = measure(tokenizer, ((d.source, d.text) for d in docs), max_bytes_per_source)
     title = f"tokenizer {paths.tokenizer} (vocab {tokenizer.get_vocab_size():,}) on the {split} split"
     return {"tokenizer": str(paths.tokenizer), "split": split, "sources": rows, "table": format_table(rows, title)}
