@@ -372,3 +372,32 @@ def test_every_input_document_is_accounted_for(records):
         for step in summary["ledger"]["steps"]:
             in_file = sum(r["step"] == step for r in removed)
             assert in_file == sum(c["docs_removed"] for c in summary["ledger"]["counts"][step].values())
+
+
+def test_small_files_of_an_input_are_grouped_into_few_tasks(tmp_path):
+    """40 files of one folder: grouped by data.task_bytes in file order, the stage keeps exactly the
+    documents it keeps with one task per file; ids repeat freely across files of one task, but a
+    repeat inside a file is still removed."""
+    from lmforge.data.rounds import plan_tasks
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in range(40):
+        lines = [rec(id=str(k), text=prose(100 * f + k)) for k in range(3)]
+        write_jsonl(folder / f"part{f:02d}.jsonl", lines + ([lines[0]] if f == 7 else []))
+    size = (folder / "part00.jsonl").stat().st_size
+    grouped = DataConfig(inputs=[InputConfig(path=str(folder))], task_bytes=10 * size, dedup=[])
+    tasks = plan_tasks(grouped)
+    sizes = [[Path(p).stat().st_size for p in t.paths] for t in tasks]
+    assert 4 <= len(tasks) <= 5 and all(sum(s) >= 10 * size > sum(s[:-1]) for s in sizes[:-1])
+    assert [p for t in tasks for p in t.paths] == [str(folder / f"part{f:02d}.jsonl") for f in range(40)]
+    per_file = DataConfig(inputs=[InputConfig(path=str(folder))], task_bytes=1, dedup=[])
+    assert len(plan_tasks(per_file)) == 40
+
+    a = run_data_stage(grouped, tmp_path / "grouped", 0, progress=False)
+    b = run_data_stage(per_file, tmp_path / "per_file", 0, progress=False)
+    docs = [[(d.id, d.text) for d in split] for split in kept_docs(tmp_path / "grouped")]
+    assert docs == [[(d.id, d.text) for d in split] for split in kept_docs(tmp_path / "per_file")]
+    assert sum(len(split) for split in docs) == 120  # the same ids in 40 files: all kept
+    assert a["docs_removed"] == b["docs_removed"] == 1  # part07's repeated record
+    assert [r["reason"] for r in removed_records(tmp_path / "grouped")] == ["duplicate_id"]

@@ -71,6 +71,9 @@ class DataConfig:
     split_seed: int = 1234
     docs_per_shard: int = 20_000
     workers: int = 0  # processes for the shard tasks; 0: every core once the input is 32 MB or more
+    # An input's files go to tasks in file order, a task closing once it holds this many bytes (a
+    # larger file is a task of its own): a folder of 100k small files is a few tasks, not 100k.
+    task_bytes: int = 16 << 20
     executor: Literal["local", "ray"] = "local"  # ray: the same tasks on a Ray cluster (lmforge[ray])
     max_doc_bytes: int = 64 << 20  # one record larger than this is quarantined unread
     # An alarm for every dedup step: one removing more than this share of a source's documents (of a
@@ -539,6 +542,7 @@ def validate(cfg: RunConfig) -> None:
         ("tokenizer.vocab_size", 400 <= cfg.tokenizer.vocab_size <= 2**32 - 1, "must be in [400, 2^32)"),
         ("train.seq_len", 0 < cfg.train.seq_len <= cfg.model.max_seq_len, "must be in (0, model.max_seq_len]"),
         ("tokens.block_docs", cfg.tokens.block_docs > 0, "must be > 0"),
+        ("data.task_bytes", cfg.data.task_bytes > 0, "must be > 0"),
         ("tokens.threads", cfg.tokens.threads >= 0, "must be >= 0 (0: every core)"),
         ("train.parallel.microbatches", cfg.train.parallel.microbatches > 0, "must be > 0"),
         ("tokens.mixture.temperature", cfg.tokens.mixture.temperature > 0, "must be > 0"),

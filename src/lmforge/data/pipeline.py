@@ -1,7 +1,7 @@
 """Stage 1 driver: inputs -> filters -> dedup steps -> train/val shards + ledger.
 
-The stage runs in rounds over tasks (one per input file, `rounds.py`): round 0 reads; each
-cross-document step (duplicate ids, then each `data.dedup` entry) is a map over every task, one
+The stage runs in rounds over tasks (an input's files grouped up to `data.task_bytes`, `rounds.py`):
+round 0 reads; each cross-document step (duplicate ids, then each `data.dedup` entry) is a map over every task, one
 reduce, and an apply at the start of the next round; the last round splits into train/val. Tasks
 run on `data.workers` processes or Ray and write their own files with completion markers in a work
 directory beside the output, so a killed stage resumes with the unfinished tasks and gives the same
@@ -108,7 +108,7 @@ def _workers(cfg: DataConfig, tasks: list) -> int:
     output is the same bytes whatever the count."""
     if cfg.workers:
         return resolve_workers(cfg.workers)
-    size = sum(Path(t.path).stat().st_size for t in tasks if t.path is not None)
+    size = sum(Path(path).stat().st_size for t in tasks for path in t.paths)
     return resolve_workers(0) if size >= AUTO_PARALLEL_BYTES else 1
 
 

@@ -37,21 +37,36 @@ DOCS = "docs.jsonl.zst"
 class Task:
     index: int
     input_index: int | None  # None: the built-in corpus
-    path: str | None
+    paths: tuple[str, ...]  # the input's files this task reads, in order (none for the built-in corpus)
 
 
 def plan_tasks(cfg: DataConfig) -> list[Task]:
-    """One task per input file, in recipe then file order; the built-in corpus is one task."""
+    """Tasks in recipe then file order: consecutive files of one input grouped until a task holds
+    `data.task_bytes` (so the plan, and the output, depend on the files only, never on the workers);
+    the built-in corpus is one task."""
     if not cfg.inputs:
-        return [Task(0, None, None)]
+        return [Task(0, None, ())]
     tasks: list[Task] = []
     for i, spec in enumerate(cfg.inputs):
         try:
             files = input_files(spec)
         except FileNotFoundError as e:
             raise ConfigError(f"data.inputs[{i}].path: {e}") from e
-        tasks += [Task(len(tasks) + k, i, str(path)) for k, path in enumerate(files)]
+        tasks += [Task(len(tasks) + k, i, group) for k, group in enumerate(_group(files, cfg.task_bytes))]
     return tasks
+
+
+def _group(files: list[Path], task_bytes: int) -> list[tuple[str, ...]]:
+    groups: list[tuple[str, ...]] = []
+    group: list[str] = []
+    size = 0
+    for path in files:
+        group.append(str(path))
+        size += path.stat().st_size
+        if size >= task_bytes:
+            groups.append(tuple(group))
+            group, size = [], 0
+    return groups + [tuple(group)] if group else groups
 
 
 def build_filters(cfg: DataConfig) -> list[FilterStep]:
@@ -172,11 +187,15 @@ def _read(cfg: DataConfig, task: Task, ledger: Ledger) -> Iterator[tuple[int, Do
         reads: Iterator[ReadDoc] = (ReadDoc(d, None, None) for d in iter_builtin_corpus(cfg.builtin))
     else:
         spec = cfg.inputs[task.input_index]
-        reads = read_file(spec, Path(task.path or ""), input_root(spec), ledger, cfg.max_doc_bytes)
+        root = input_root(spec)
+        reads = (r for path in task.paths for r in read_file(spec, Path(path), root, ledger, cfg.max_doc_bytes))
     seen: dict[int, int] = {}  # id digest -> line of its first record, for this file only
+    file = None
     for i, read in enumerate(reads):
         origin = {} if read.file is None else {"file": str(read.file), "line": read.line}
         ledger.origin = origin
+        if read.file != file:
+            seen, file = {}, read.file
         digest = xxhash.xxh3_64_intdigest(read.doc.id.encode("utf-8"))
         if digest in seen:
             # A repeated id inside one file is a repeated record. Ids may repeat across files and

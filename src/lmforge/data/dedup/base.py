@@ -1,6 +1,6 @@
 """The contract of every cross-document dedup step: map -> reduce -> apply.
 
-The data stage splits its inputs into tasks (one per input file or built-in chunk, in a fixed order)
+The data stage splits its inputs into tasks (input files grouped by size, or the built-in corpus; in a fixed order)
 and numbers each document by `doc_key(task, index)`: its task's position and its order inside that
 task. Both are fixed by the inputs alone, never by the worker that ran the task, so a rule such as
 "keep the smallest key of each cluster" keeps the same documents on 1 worker, N workers or Ray.
