@@ -107,7 +107,8 @@ def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     # quoting "<|endoftext|>" encodes it as text, never as a real EOS that would split it in two.
     # One thread per encode call and the stage's own worker threads: tiktoken releases the GIL, so
     # workers overlap; `tokenizers` parallelises inside its own call, so it gets one.
-    encoder = encoder_for(tok, paths.tokenizer, threads=1)
+    sha256 = tokenizer_hash(paths.tokenizer)  # the export is checked against it, token sets record it
+    encoder = encoder_for(tok, paths.tokenizer, threads=1, sha256=sha256)
     workers = (cfg.tokens.threads or usable_cpus()) if encoder.backend == "tiktoken" else 1
     if progress:
         print(f"tokenize: encoding with {encoder.backend} on {workers} thread(s) ({encoder.reason})")
@@ -115,8 +116,8 @@ def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 
     inputs = {split: shard_paths(_need(paths.data / split, "data")) for split in ("train", "val")}
     read_text = functools.partial(read_documents, meta=False)  # the stage needs id, text and source
-    out = tokenize_splits(inputs, read_text, encode, paths.tokens, tokenizer_hash(paths.tokenizer),
-                          tok.get_vocab_size(), eos, workers, dtype=cfg.tokens.dtype, progress=progress)
+    out = tokenize_splits(inputs, read_text, encode, paths.tokens, sha256, tok.get_vocab_size(), eos, workers,
+                          dtype=cfg.tokens.dtype, progress=progress)
     return {**out, "encoder": encoder.backend}
 
 
@@ -198,10 +199,10 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
     loader = build_loader(cfg, train_ds, objective, rank=d.data_rank, world_size=d.data_world)
     if d.is_main:
         save_config(cfg, cfg.out / "config.yaml")
+    optimizer, precision = build_optimizer(model, cfg.train.optimizer), Precision(cfg.train.precision, d.device)
     trainer = Trainer(cfg, model, loader, objective, paths.checkpoints, paths.metrics, progress=progress, dist=d,
                       pipeline=pipeline, evaluator=_periodic_eval(cfg, val_ds, objective, d, pipeline),
-                      optimizer=build_optimizer(model, cfg.train.optimizer), precision=Precision(cfg.train.precision,
-                                                                                                 d.device))
+                      optimizer=optimizer, precision=precision)
     t0 = time.perf_counter()
     result = trainer.fit(stop_after=stop_after)
     seconds = time.perf_counter() - t0

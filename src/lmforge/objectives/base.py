@@ -167,9 +167,9 @@ def row_losses(output: Any, ex: Example, losses: torch.Tensor | None = None) -> 
     """(summed nats, target count) of each row [B], detached: the per-source breakdown of the
     token loss (from `losses`, this micro-batch's `token_losses`, when given). Sparse MLM logits are
     mapped back to their rows."""
-    logits, labels, loss_mask = scored(output, ex)
+    loss_mask = scored(output, ex)[2]
     with torch.no_grad():
-        nll = losses.detach() if losses is not None else token_nll(logits.detach(), labels, loss_mask)
+        nll = (losses if losses is not None else token_losses(output, ex)).detach()
         if ex.predict_positions is not None and model_logits(output).dim() == 2:
             rows = ex.predict_positions.nonzero()[:, 0]
             B = ex.input_ids.shape[0]

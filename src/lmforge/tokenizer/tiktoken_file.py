@@ -64,9 +64,10 @@ def _by_rank(item: tuple[bytes, int]) -> int:
     return item[1]
 
 
-def load_export(tokenizer_path: Path) -> Ranks | str | None:
+def load_export(tokenizer_path: Path, sha256: str | None = None) -> Ranks | str | None:
     """The exported ranks when they were checked against this very tokenizer.json, the recorded reason
-    when the fast path was found impossible for it, or None (no export, or a stale or damaged one)."""
+    when the fast path was found impossible for it, or None (no export, or a stale or damaged one).
+    `sha256`: the tokenizer file's, when the caller already hashed it."""
     tokenizer_path = Path(tokenizer_path)
     try:
         meta = json.loads(tokenizer_path.with_name(META_NAME).read_text(encoding="utf-8"))
@@ -74,7 +75,7 @@ def load_export(tokenizer_path: Path) -> Ranks | str | None:
         return None
     if not isinstance(meta, dict) or (meta.get("format"), meta.get("version")) != (FORMAT, VERSION):
         return None
-    if meta.get("tokenizer_sha256") != tokenizer_hash(tokenizer_path):
+    if meta.get("tokenizer_sha256") != (sha256 or tokenizer_hash(tokenizer_path)):
         return None
     if not meta.get("available"):
         # A refusal may come from tiktoken itself (its regex engine, a panic, not installed): another
@@ -104,6 +105,9 @@ def _tiktoken_version() -> str | None:
     return str(tiktoken.__version__)
 
 
-def encoder_for(tokenizer: Tokenizer, tokenizer_path: Path, threads: int | None = None) -> FastEncoder:
+def encoder_for(
+    tokenizer: Tokenizer, tokenizer_path: Path, threads: int | None = None, sha256: str | None = None
+) -> FastEncoder:
     """The tokenize stage's encoder (special tokens read as text), from the export when it is valid."""
-    return FastEncoder(tokenizer, threads=threads, specials_as_text=True, exported=load_export(tokenizer_path))
+    exported = load_export(tokenizer_path, sha256)
+    return FastEncoder(tokenizer, threads=threads, specials_as_text=True, exported=exported)
