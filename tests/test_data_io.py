@@ -245,18 +245,21 @@ def test_truncated_shard_raises_naming_the_file(tmp_path):
         list(read_documents(tmp_path))
 
 
-def test_bad_shard_line_raises_naming_file_and_line(tmp_path):
+@pytest.mark.parametrize("meta", [True, False])
+def test_bad_shard_line_raises_naming_file_and_line(tmp_path, meta):
     docs = write_shards(tmp_path, 3, docs_per_shard=2)
     second = tmp_path / "shard-00001.jsonl.zst"
     good = docs[2].to_json()
     for lines, problem in [
         ([json.dumps(good), "{not json"], "invalid JSON"),
-        ([json.dumps(good), json.dumps(["a", "list"])], "not an object"),
+        ([json.dumps(good), json.dumps(["a", "list"])], "JSON list, not an object"),
+        ([json.dumps(good), json.dumps("a string")], "JSON str, not an object"),
         ([json.dumps(good), json.dumps({"id": "x", "text": "no source"})], "lacks 'source'"),
+        ([json.dumps(good), json.dumps({"source": "s"})], "lacks 'id', 'text'"),
     ]:
         second.write_bytes(zstandard.ZstdCompressor().compress("".join(f"{x}\n" for x in lines).encode()))
         with pytest.raises(ShardReadError, match=rf"^{re.escape(str(second))}:2: .*{problem}"):
-            list(read_documents(tmp_path))
+            list(read_documents(tmp_path, meta=meta))
 
 
 # ---------------------------------------------------------------- builtin corpus

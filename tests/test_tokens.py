@@ -118,8 +118,10 @@ def test_dtype_choice(tok, tmp_path):
         writer.add([65_535, 65_536, 69_999], "s", 3)
     big = TokenDataset(tmp_path, "big")
     assert big.dtype == np.uint32 and big.tokens(0, 4).tolist() == [65_535, 65_536, 69_999, EOS_ID]
-    with pytest.raises(ValueError, match="out of range"), ShardWriter(tmp_path, "c", "0" * 64, vocab_size=10) as w:
-        w.add([10], "s", 1)
+    for bad in (10, 12, -1):
+        with pytest.raises(ValueError, match=rf"token id {bad} out of range \[0, 10\)"), \
+                ShardWriter(tmp_path, "c", "0" * 64, vocab_size=10) as w:
+            w.add([3, bad, 4], "s", 1)
 
 
 def test_rolling_gives_the_same_virtual_stream(tok, tmp_path):

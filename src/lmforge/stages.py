@@ -102,6 +102,7 @@ def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 
     paths = RunPaths(cfg.out)
     tok = load_tokenizer(_need(paths.tokenizer, "tokenizer"))
+    tok.encode_special_tokens = True  # this stage's own copy, in the mode it encodes in (see below)
     eos = load_special_tokens(paths.tokenizer, tok).eos
     # tiktoken when it reproduces this tokenizer exactly, else `tokenizers`; either way a document
     # quoting "<|endoftext|>" encodes it as text, never as a real EOS that would split it in two.

@@ -126,7 +126,7 @@ class _ZstdReader(io.RawIOBase):
         self._dobj = self._dctx.decompressobj()
         self._in_frame = False
         self._read_size = read_size
-        self._out = b""
+        self._out = memoryview(b"")
         self._pos = 0
 
     def readable(self) -> bool:
@@ -139,9 +139,9 @@ class _ZstdReader(io.RawIOBase):
                 if self._in_frame:
                     raise EOFError("zstd data ends inside a frame: the file is truncated")
                 return 0
-            self._out, self._pos = self._decompress(chunk), 0
+            self._out, self._pos = memoryview(self._decompress(chunk)), 0
         n = min(len(buffer), len(self._out) - self._pos)
-        buffer[:n] = self._out[self._pos : self._pos + n]
+        buffer[:n] = self._out[self._pos : self._pos + n]  # a view: one copy, not two
         self._pos += n
         return n
 
@@ -478,12 +478,13 @@ def _shard_document(path: Path, line_no: int, raw: bytes, meta: bool = True) -> 
         rec = _parse_record(raw, meta)
     except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError included
         raise ShardReadError(f"{path}:{line_no}: invalid JSON: {e}") from e
-    if not isinstance(rec, dict):
-        raise ShardReadError(f"{path}:{line_no}: record is a JSON {type(rec).__name__}, not an object")
-    missing = [k for k in ("id", "text", "source") if k not in rec]
-    if missing:
-        raise ShardReadError(f"{path}:{line_no}: record lacks {', '.join(map(repr, missing))}")
-    return Document(id=rec["id"], text=rec["text"], source=rec["source"], meta=rec.get("meta", {}) if meta else {})
+    try:  # the checks only once something is wrong: this runs per document while encoders wait
+        return Document(rec["id"], rec["text"], rec["source"], rec.get("meta", {}) if meta else {})
+    except (KeyError, TypeError, AttributeError):
+        if not isinstance(rec, dict):
+            raise ShardReadError(f"{path}:{line_no}: record is a JSON {type(rec).__name__}, not an object") from None
+        missing = [k for k in ("id", "text", "source") if k not in rec]
+        raise ShardReadError(f"{path}:{line_no}: record lacks {', '.join(map(repr, missing))}") from None
 
 
 def _parse_record(raw: bytes, meta: bool) -> Any:

@@ -19,6 +19,7 @@ repeating the per-merge check, which grows with the vocabulary (~30 ms at 4k tok
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ def load_export(tokenizer_path: Path, sha256: str | None = None) -> Ranks | str 
     ranks = {}
     for line in data.splitlines():
         token, rank = line.split()
-        ranks[base64.b64decode(token)] = int(rank)
+        ranks[binascii.a2b_base64(token)] = int(rank)  # base64.b64decode's checks cost 4x as much
     ids = meta.get("ids_by_rank")
     return ranks, None if ids is None else dict(enumerate(ids))
 

@@ -180,10 +180,16 @@ class ShardWriter:
         assert self._out is not None
         if self._buffer:
             tokens = np.concatenate(self._buffer, dtype=np.int64, casting="unsafe")  # ids are < 2^32
-            if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
-                bad = int(tokens.max()) if int(tokens.max()) >= self.vocab_size else int(tokens.min())
+            # bincount is the range check too (it refuses negatives; a larger id lengthens it): no
+            # separate min/max passes over the buffer.
+            try:
+                counts = np.bincount(tokens, minlength=self.vocab_size)
+            except ValueError:  # it refuses negative ids
+                counts = None
+            if counts is None or counts.size > self.vocab_size:
+                bad = int(tokens.min()) if counts is None else counts.size - 1
                 raise ValueError(f"token id {bad} out of range [0, {self.vocab_size}) in {self.out_dir / self._stem}")
-            self.counts += np.bincount(tokens, minlength=self.vocab_size)[: self.vocab_size]
+            self.counts += counts
             data = tokens.astype(self.dtype, copy=False).tobytes()
             self._out.file.write(data)
             self._hash.update(data)
