@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -339,3 +341,25 @@ def test_text_only_reading_matches_and_survives_what_orjson_refuses(tmp_path):
     full = list(read_documents(tmp_path / "shards"))
     assert [d.meta["big"] for d in full] == [2**100 + i for i in range(3)]
     assert full[0].meta["score"] == 0.5 and full[1].meta["score"] != full[1].meta["score"]  # NaN
+
+
+def test_atomic_file_streams_in_pieces_and_starts_writeback(tmp_path, monkeypatch):
+    from lmforge import io_utils
+
+    calls = []
+    if hasattr(os, "posix_fadvise"):
+        real = os.posix_fadvise
+        monkeypatch.setattr(os, "posix_fadvise", lambda *a: (calls.append(a[1:]), real(*a)))
+    monkeypatch.setattr(io_utils, "WRITEBACK_BYTES", 1000)
+    pieces = [b"x" * 700, np.arange(300, dtype=np.uint16), b"y" * 5000, b""]
+    out = io_utils.AtomicFile(tmp_path / "f.bin")
+    for piece in pieces:
+        out.write(piece)
+    assert not (tmp_path / "f.bin").exists(), "nothing at the final name before commit"
+    out.commit()
+    assert (tmp_path / "f.bin").read_bytes() == b"".join(bytes(memoryview(p)) for p in pieces)
+    assert calls == ([] if not hasattr(os, "posix_fadvise") else [(0, 0, os.POSIX_FADV_DONTNEED)] * 2)
+    aborted = io_utils.AtomicFile(tmp_path / "g.bin")
+    aborted.write(b"z" * 3000)
+    aborted.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"], "an aborted file leaves nothing behind"

@@ -7,12 +7,14 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lmforge.config import TokenizerConfig
 from lmforge.data.document import Document
 from lmforge.tokenizer.special_tokens import EOS, EOS_ID
 from lmforge.tokenizer.train import tokenizer_hash, train_tokenizer
-from lmforge.tokens.shard_writer import ShardWriter, write_token_shards
+from lmforge.tokens.shard_writer import ShardWriter, pack, write_token_shards
 from lmforge.tokens.shards import ShardError, TokenDataset, choose_dtype
 
 
@@ -311,3 +313,46 @@ def test_out_of_range_reads(written):
         ds.tokens(0, ds.n_tokens + 1)
     with pytest.raises(IndexError):
         ds.doc_index(np.array([ds.n_tokens]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    docs=st.lists(st.tuples(st.lists(st.integers(0, 99), max_size=12), st.sampled_from("ab"), st.integers(0, 50)),
+                  max_size=30),
+    cuts=st.lists(st.integers(0, 30), max_size=6),
+    max_shard_tokens=st.integers(1, 40),
+)
+def test_packed_documents_write_the_same_files_as_one_at_a_time(tmp_path_factory, docs, cuts, max_shard_tokens):
+    """add_packed of any grouping (a source's run of documents cut anywhere, some add()ed between)
+    writes byte for byte what add() of each document writes, shard rolls included."""
+    root = tmp_path_factory.mktemp("packed")
+    with ShardWriter(root / "one", "s", "0" * 64, 100, max_shard_tokens=max_shard_tokens, eos_id=7) as w:
+        for ids, source, n_bytes in docs:
+            w.add(ids, source, n_bytes)
+    with ShardWriter(root / "packed", "s", "0" * 64, 100, max_shard_tokens=max_shard_tokens, eos_id=7) as w:
+        group: list[tuple] = []
+
+        def put() -> None:
+            if group:
+                w.add_packed(pack([g[0] for g in group], [g[2] for g in group], 7, 100, w.dtype), group[0][1])
+            group.clear()
+
+        for k, doc in enumerate(docs):
+            if (group and doc[1] != group[0][1]) or k in cuts:
+                put()
+            if k % 7 == 3:  # now and then one document the plain way, between packed ones
+                put()
+                w.add(doc[0], doc[1], doc[2])
+            else:
+                group.append(doc)
+        put()
+    one, packed = sorted((root / "one").iterdir()), sorted((root / "packed").iterdir())
+    assert [p.name for p in one] == [p.name for p in packed]
+    for a, b in zip(one, packed, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_pack_refuses_ids_out_of_range():
+    for bad in (100, -3):
+        with pytest.raises(ValueError, match=rf"token id {bad} out of range \[0, 100\)"):
+            pack([[1, 2], np.array([bad, 5])], [2, 2], 0, 100, np.dtype("uint16"))

@@ -3,8 +3,11 @@ token ids and rolls shards over; write_token_shards tokenizes documents into one
 
 from __future__ import annotations
 
+import bisect
 import io
-from collections.abc import Iterable, Iterator
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +74,6 @@ class ShardWriter:
         self.dtype = choose_dtype(vocab_size, dtype)
         self.max_shard_tokens = max_shard_tokens
         self.eos_id = eos_id  # the tokenizer's end-of-document role, appended after every document
-        self._eos = np.array([eos_id], dtype=np.int64)
         self.summary: dict[str, Any] | None = None
         self._n_shards = 0
         self._listing: list[dict[str, Any]] = []  # one entry per finished shard, for the set manifest
@@ -146,22 +148,54 @@ class ShardWriter:
             self._finish_shard()
         if self._out is None:
             self._start_shard()
+        self._buffer.append(ids)
+        self._buffered += n
+        self._record(source, [n], [n_bytes])
+        if self._buffered >= _FLUSH_TOKENS:
+            self._flush()
+
+    def add_packed(self, packed: Packed, source: str) -> None:
+        """Documents `pack()` made (on an encoder thread, say), all of `source`: their tokens are
+        written as they are. The same bytes as `add()` of each document in turn."""
+        if packed.tokens.dtype != self.dtype:
+            raise ValueError(f"packed as {packed.tokens.dtype}, but the set {self.name!r} is {self.dtype}")
+        self.counts += packed.counts
+        at = offset = 0
+        while at < len(packed.lengths):
+            end = self._fitting(packed.lengths, at)
+            size = sum(packed.lengths[at:end])
+            self._flush()  # documents add()ed before these go first
+            assert self._out is not None
+            piece = packed.tokens[offset : offset + size]
+            self._out.write(piece)
+            self._hash.update(piece)
+            self._record(source, packed.lengths[at:end], packed.n_bytes[at:end])
+            at, offset = end, offset + size
+
+    def _fitting(self, lengths: list[int], at: int) -> int:
+        """Open a shard with room for documents at, at+1, ... and return where they stop fitting (at
+        least one document: a longer one gets an oversized shard of its own)."""
+        if self._out is not None and self._shard_tokens + lengths[at] > self.max_shard_tokens:
+            self._finish_shard()
+        if self._out is None:
+            self._start_shard()
+        room = self.max_shard_tokens - self._shard_tokens
+        return at + max(1, bisect.bisect_right(list(itertools.accumulate(lengths[at:])), room))
+
+    def _record(self, source: str, lengths: list[int], n_bytes: list[int]) -> None:
+        """The index entries and counts of documents just appended to the open shard."""
         source_id = self._sources.setdefault(source, len(self._sources))
         if source_id >= 2**16:
             raise ValueError("more than 65536 sources in one shard")
-        self._buffer.append(ids)
-        self._buffer.append(self._eos)
-        self._buffered += n
-        self._shard_tokens += n
-        self._starts.append(self._shard_tokens)
-        self._source_ids.append(source_id)
-        self._doc_bytes.append(n_bytes)
+        ends = list(itertools.accumulate(lengths, initial=self._shard_tokens))[1:]
+        self._starts.extend(ends)
+        self._shard_tokens = ends[-1]
+        self._source_ids.extend([source_id] * len(lengths))
+        self._doc_bytes.extend(n_bytes)
         stats = self._per_source.setdefault(source, {"docs": 0, "tokens": 0, "bytes": 0})
-        stats["docs"] += 1
-        stats["tokens"] += n
-        stats["bytes"] += n_bytes
-        if self._buffered >= _FLUSH_TOKENS:
-            self._flush()
+        stats["docs"] += len(lengths)
+        stats["tokens"] += sum(lengths)
+        stats["bytes"] += sum(n_bytes)
 
     def _start_shard(self) -> None:
         self._stem = shard_stem(self.name, self._n_shards)
@@ -179,20 +213,11 @@ class ShardWriter:
     def _flush(self) -> None:
         assert self._out is not None
         if self._buffer:
-            tokens = np.concatenate(self._buffer, dtype=np.int64, casting="unsafe")  # ids are < 2^32
-            # bincount is the range check too (it refuses negatives; a larger id lengthens it): no
-            # separate min/max passes over the buffer.
-            try:
-                counts = np.bincount(tokens, minlength=self.vocab_size)
-            except ValueError:  # it refuses negative ids
-                counts = None
-            if counts is None or counts.size > self.vocab_size:
-                bad = int(tokens.min()) if counts is None else counts.size - 1
-                raise ValueError(f"token id {bad} out of range [0, {self.vocab_size}) in {self.out_dir / self._stem}")
+            tokens, counts = _pack_tokens(self._buffer, self.eos_id, self.vocab_size, self.dtype,
+                                          f" in {self.out_dir / self._stem}")
             self.counts += counts
-            data = tokens.astype(self.dtype, copy=False).tobytes()
-            self._out.file.write(data)
-            self._hash.update(data)
+            self._out.write(tokens)
+            self._hash.update(tokens)
         self._buffer = []
         self._buffered = 0
 
@@ -268,6 +293,42 @@ class ShardWriter:
             "tokenizer_sha256": self.tokenizer_sha256,
             "sources": sources,
         }
+
+
+@dataclass
+class Packed:
+    """Documents ready for `ShardWriter.add_packed`: their ids, each followed by EOS, in the set's dtype."""
+
+    tokens: np.ndarray
+    lengths: list[int]  # tokens per document, EOS included
+    n_bytes: list[int]  # UTF-8 bytes per document
+    counts: np.ndarray  # how often each id occurs in `tokens`, [vocab_size]
+
+
+def pack(
+    ids: Sequence[np.ndarray | Sequence[int]], n_bytes: Sequence[int], eos_id: int, vocab_size: int, dtype: np.dtype
+) -> Packed:
+    """Documents' token ids (without EOS) as one array, range-checked and counted: the work of a
+    flush, done where the ids were made (an encoder thread) instead of in the writer's thread."""
+    tokens, counts = _pack_tokens(ids, eos_id, vocab_size, dtype)
+    return Packed(tokens, [len(x) + 1 for x in ids], list(n_bytes), counts)
+
+
+def _pack_tokens(
+    ids: Sequence[np.ndarray | Sequence[int]], eos_id: int, vocab_size: int, dtype: np.dtype, where: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
+    eos = np.array([eos_id], dtype=np.int64)
+    tokens = np.concatenate([x for doc in ids for x in (doc, eos)], dtype=np.int64, casting="unsafe")  # ids < 2^32
+    # bincount is the range check too (it refuses negatives; a larger id lengthens it): no separate
+    # min/max passes over the tokens.
+    try:
+        counts = np.bincount(tokens, minlength=vocab_size)
+    except ValueError:  # it refuses negative ids
+        counts = None
+    if counts is None or counts.size > vocab_size:
+        bad = int(tokens.min()) if counts is None else counts.size - 1
+        raise ValueError(f"token id {bad} out of range [0, {vocab_size}){where}")
+    return tokens.astype(dtype), counts
 
 
 def _bytes_per_token(stats: dict[str, int]) -> float:

@@ -10,6 +10,7 @@ and byte counts, bytes/token and the checksum of its set manifest.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import threading
@@ -25,8 +26,8 @@ from tqdm import tqdm
 
 from lmforge.data.document import Document
 from lmforge.io_utils import atomic_write_json
-from lmforge.tokens.shard_writer import ShardWriter, doc_batches
-from lmforge.tokens.shards import ShardError, TokenDataset, set_manifest_path
+from lmforge.tokens.shard_writer import Packed, ShardWriter, doc_batches, pack
+from lmforge.tokens.shards import ShardError, TokenDataset, choose_dtype, set_manifest_path
 
 
 class TokenizeStopped(RuntimeError):
@@ -82,6 +83,8 @@ def tokenize_split(
     out_dir.mkdir(parents=True, exist_ok=True)
     done = state["done"] if state else 0
     writers: dict[str, ShardWriter] = {}
+    packer = functools.partial(_encode_packed, encode, eos_id=eos_id, vocab_size=vocab_size,
+                               dtype=choose_dtype(vocab_size, dtype))
 
     def writer(source: str) -> ShardWriter:
         if source not in writers:
@@ -97,11 +100,11 @@ def tokenize_split(
     try:
         with tqdm(desc=f"tokenize {split}", unit="doc", disable=not progress) as bar:
             for k in range(done, len(inputs)):
-                for batch, ids in _encoded(doc_batches(read(inputs[k])), encode, encoders, ahead):
+                for batch, groups in _encoded(doc_batches(read(inputs[k])), packer, encoders, ahead):
                     if stop is not None and stop.is_set():
                         raise TokenizeStopped(f"tokenize {split}: stopped because another split failed")
-                    for doc, doc_ids in zip(batch, ids, strict=True):
-                        writer(doc.source).add(doc_ids, doc.source, doc.n_bytes)
+                    for source, packed in groups.items():
+                        writer(source).add_packed(packed, source)
                     bar.update(len(batch))
                 if k + 1 < len(inputs):  # after the last one the writers finish their sets below
                     _checkpoint(out_dir, identity, keys, k + 1, writers)
@@ -158,19 +161,33 @@ def tokenize_splits(
         return {**out, **{split: future.result() for split, future in beside.items()}}
 
 
+def _encode_packed(
+    encode: Encode, batch: list[Document], eos_id: int, vocab_size: int, dtype: np.dtype
+) -> dict[str, Packed]:
+    """A batch's documents encoded and packed per source, in order: on an encoder thread, so the
+    concatenating, counting and casting of a flush overlap the encoding instead of adding to it."""
+    ids = encode([d.text for d in batch])
+    groups: dict[str, tuple[list, list[int]]] = {}
+    for doc, doc_ids in zip(batch, ids, strict=True):
+        group = groups.setdefault(doc.source, ([], []))
+        group[0].append(doc_ids)
+        group[1].append(doc.n_bytes)
+    return {source: pack(i, n, eos_id, vocab_size, dtype) for source, (i, n) in groups.items()}
+
+
 def _encoded(
-    batches: Iterable[list[Document]], encode: Encode, encoders: Executor | None, ahead: int
-) -> Iterator[tuple[list[Document], Sequence]]:
-    """(batch, its ids) in input order. Small batches go to the `encoders` threads (the encoder
+    batches: Iterable[list[Document]], work: Callable[[list[Document]], Any], encoders: Executor | None, ahead: int
+) -> Iterator[tuple[list[Document], Any]]:
+    """(batch, work(batch)) in input order. Small batches go to the `encoders` threads (the encoder
     releases the GIL), `ahead` of them queued: no thread waits at a batch boundary for the others,
     and this thread's reading and writing fill the gaps instead of adding to the time."""
     if encoders is None:
         with ThreadPoolExecutor(max_workers=1) as own:
-            yield from _encoded(batches, encode, own, ahead)
+            yield from _encoded(batches, work, own, ahead)
         return
     pending: deque[tuple[list[Document], Future]] = deque()
     for batch in batches:
-        pending.append((batch, encoders.submit(encode, [d.text for d in batch])))
+        pending.append((batch, encoders.submit(work, batch)))
         if len(pending) > ahead:
             done, future = pending.popleft()
             yield done, future.result()
