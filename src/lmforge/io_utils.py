@@ -26,18 +26,19 @@ class AtomicFile:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         self.tmp = Path(tmp)
         self.file: BinaryIO = os.fdopen(fd, "wb")
-        self._unsynced = 0
+        self._synced = self._written = 0  # bytes whose writeback has started, bytes written
 
     def write(self, data: Any) -> None:
         """Append `data` (bytes or any contiguous buffer); past WRITEBACK_BYTES, start writing it out."""
         self.file.write(data)
-        self._unsynced += memoryview(data).nbytes
-        if self._unsynced >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+        self._written += memoryview(data).nbytes
+        if self._written - self._synced >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
             self.file.flush()
-            # On Linux DONTNEED starts the writeback of the dirty pages without waiting for it (and
-            # drops pages already written from the cache): sync_file_range, which Python lacks.
-            os.posix_fadvise(self.file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            self._unsynced = 0
+            # On Linux DONTNEED starts the writeback of the range's dirty pages without waiting for
+            # it: sync_file_range, which Python lacks. Only the new range, or each call would walk
+            # the whole file's pages.
+            os.posix_fadvise(self.file.fileno(), self._synced, self._written - self._synced, os.POSIX_FADV_DONTNEED)
+            self._synced = self._written
 
     def commit(self) -> Path:
         self.file.flush()
