@@ -302,3 +302,23 @@ def test_encoder_threads_finishing_out_of_order_write_the_one_thread_bytes(tmp_p
     assert len(files) > 6
     for f in files:
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "many" / f).read_bytes(), f
+
+
+def test_tokenize_resume_redoes_everything_when_a_finished_input_changed(tmp_path) -> None:
+    shards = docs_by_shard()
+    inputs = write_inputs(tmp_path, shards)
+    whole = tokenize(tmp_path / "a", inputs, shards)
+    for change in ("content", "progress"):
+        out = tmp_path / change
+        with pytest.raises(KeyboardInterrupt):
+            tokenize(out, inputs, shards, crash_at="shard-00002")
+        progress = out / "tokens" / "train" / "progress.json"
+        state = json.loads(progress.read_text())
+        assert state["done"] == 2 and [k["name"] for k in state["inputs"]] == ["shard-00000", "shard-00001"]
+        if change == "content":  # a finished input is not what was tokenized any more
+            inputs[1].write_text(inputs[1].read_text() + " ")
+        else:  # a progress file that claims more than there is
+            progress.write_text(json.dumps({**state, "done": 9}))
+        calls: list[str] = []
+        assert tokenize(out, inputs, shards, calls=calls) == whole
+        assert calls == list(shards), "every input read again"

@@ -47,9 +47,23 @@ def _file_key(path: Path) -> dict[str, Any]:
     """Identifies an input shard's content, so a resume never reuses tokens of a changed file."""
     digest = xxhash.xxh64()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
+        for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return {"name": path.name, "size": path.stat().st_size, "xxh64": digest.hexdigest()}
+
+
+class _InputKeys:
+    """The inputs' keys, each hashed when first needed: a fresh run needs them only for checkpoints,
+    which come after each input shard but the last (a one-shard split hashes nothing)."""
+
+    def __init__(self, inputs: list[Path]) -> None:
+        self.inputs = inputs
+        self._keys: list[dict[str, Any]] = []
+
+    def first(self, n: int) -> list[dict[str, Any]]:
+        while len(self._keys) < n:
+            self._keys.append(_file_key(self.inputs[len(self._keys)]))
+        return self._keys[:n]
 
 
 def tokenize_split(
@@ -75,7 +89,7 @@ def tokenize_split(
     tokens_dir = Path(tokens_dir)
     out_dir = tokens_dir / split
     split_manifest_path(tokens_dir, split).unlink(missing_ok=True)  # incomplete from here on
-    keys = [_file_key(p) for p in inputs]
+    keys = _InputKeys(inputs)
     identity = {"tokenizer_sha256": tokenizer_sha256, "vocab_size": vocab_size, "dtype": dtype, "eos_id": eos_id}
     state = _load_progress(out_dir, identity, keys)
     if state is None and out_dir.exists():
@@ -213,15 +227,16 @@ def _check_source_name(source: str) -> None:
         raise ValueError(f"source name {source!r} cannot name a token set (no '/', '\\', NUL, '.', '..', 'progress')")
 
 
-def _checkpoint(out_dir: Path, identity: dict, keys: list[dict], done: int, writers: dict[str, ShardWriter]) -> None:
+def _checkpoint(out_dir: Path, identity: dict, keys: _InputKeys, done: int, writers: dict[str, ShardWriter]) -> None:
     sources = {}
     for name, w in writers.items():
         w.roll()
         sources[name] = {**w.progress(), "counts_xxh64": w.save_counts(partial=True)}
-    atomic_write_json(out_dir / "progress.json", {**identity, "inputs": keys[:done], "done": done, "sources": sources})
+    state = {**identity, "inputs": keys.first(done), "done": done, "sources": sources}
+    atomic_write_json(out_dir / "progress.json", state)
 
 
-def _load_progress(out_dir: Path, identity: dict, keys: list[dict]) -> dict[str, Any] | None:
+def _load_progress(out_dir: Path, identity: dict, keys: _InputKeys) -> dict[str, Any] | None:
     """The saved progress when it belongs to this tokenizer and these same leading input shards."""
     path = out_dir / "progress.json"
     if not path.is_file():
@@ -230,7 +245,10 @@ def _load_progress(out_dir: Path, identity: dict, keys: list[dict]) -> dict[str,
         state = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    same = all(state.get(k) == v for k, v in identity.items()) and state.get("inputs") == keys[: state.get("done", -1)]
+    done = state.get("done") if isinstance(state, dict) else None
+    if not isinstance(done, int) or not 0 <= done <= len(keys.inputs):
+        return None
+    same = all(state.get(k) == v for k, v in identity.items()) and state.get("inputs") == keys.first(done)
     # A crash between saving a source's counts and progress.json leaves counts of a later point.
     counts_ok = all(
         (out_dir / f"{name}.counts.partial.npy").is_file()
