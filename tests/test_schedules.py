@@ -6,8 +6,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lmforge.config import ConfigError, ScheduleConfig, choose_variant
-from lmforge.recipe import load_config  # noqa: F401  (registers the schedules)
+from lmforge.config import ConfigError, ScheduleConfig
+from lmforge.recipe import (
+    choose_variant,
+    load_config,  # noqa: F401  (registers the schedules)
+)
 from lmforge.train.schedules import SCHEDULES, build_schedule
 
 

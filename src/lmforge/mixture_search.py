@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lmforge.config import ConfigError, RunConfig, parse_override
+from lmforge.config import ConfigError, RunConfig
 from lmforge.io_utils import atomic_write_json, atomic_write_text
+from lmforge.recipe import parse_override
 from lmforge.sweep import RunResult, SweepRun, prepare_shared, run_sweep
 
 MAX_CANDIDATES = 200  # a grid finer than this is a typo more often than a plan

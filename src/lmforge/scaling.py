@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.config import ConfigError, ModelConfig, RunConfig, parse_override
+from lmforge.config import ConfigError, ModelConfig, RunConfig
 from lmforge.io_utils import atomic_write_json
+from lmforge.recipe import parse_override
 from lmforge.sweep import SweepRun, prepare_shared, run_sweep
 
 N_FIT_PARAMS = 5  # E, A, B, alpha, beta

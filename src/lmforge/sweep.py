@@ -40,9 +40,9 @@ from typing import Any
 import yaml
 
 from lmforge import stages
-from lmforge.config import ConfigError, RunConfig, set_dotted, to_dict
+from lmforge.config import ConfigError, RunConfig, to_dict
 from lmforge.io_utils import atomic_write_json, atomic_write_text
-from lmforge.recipe import load_config
+from lmforge.recipe import load_config, set_dotted
 
 SHARED = ("data", "tokenizer", "tokens")  # the RunPaths entries a run reads from the base
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
