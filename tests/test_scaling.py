@@ -12,20 +12,8 @@ import pytest
 from lmforge.config import ConfigError, save_config
 from lmforge.models import build_model, count_params
 from lmforge.recipe import load_config
-from lmforge.scaling import (
-    ScalingFit,
-    ScalingPoint,
-    add_cli_options,
-    bootstrap_fits,
-    cli_main,
-    fit_scaling_law,
-    parse_count,
-    parse_sizes,
-    plan_runs,
-    predict,
-    read_run,
-    scaling_law,
-)
+from lmforge.scaling import add_cli_options, cli_main, parse_count, parse_sizes, plan_runs, read_run, scaling_law
+from lmforge.scaling_fit import ScalingFit, ScalingPoint, bootstrap_fits, fit_scaling_law, predict
 
 TRUE = {"E": 1.7, "A": 400.0, "B": 1200.0, "alpha": 0.34, "beta": 0.28}
 
