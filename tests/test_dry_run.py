@@ -15,8 +15,10 @@ from lmforge.models import build_model
 from lmforge.objectives import ObjectiveContext, build_objective
 from lmforge.objectives.base import masked_nll
 from lmforge.recipe import load_config
-from lmforge.train.dry_run import RandomTokens, default_special_tokens, lr_curve, memory_estimate, plan_batches
+from lmforge.train.dry_run import lr_curve, plan_batches
+from lmforge.train.memory_estimate import memory_estimate
 from lmforge.train.optim import build_optimizer
+from lmforge.train.probe import RandomTokens, default_special_tokens
 from lmforge.train.trainer import Trainer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -123,7 +125,7 @@ def test_activation_formula_matches_what_autograd_saves(tmp_path: Path, precisio
 
 @pytest.mark.parametrize("name", ["adamw", "sgd", "adafactor", "muon"])
 def test_optimizer_state_estimate_matches_torch(tmp_path: Path, name: str):
-    from lmforge.train.dry_run import optimizer_state_bytes
+    from lmforge.train.memory_estimate import optimizer_state_bytes
 
     cfg = load_config(None, [f"out_dir={tmp_path}", "model.vocab_size=97", "model.d_model=32", "model.n_layers=2",
                              "model.n_heads=2", f"train.optimizer.name={name}"])

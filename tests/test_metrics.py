@@ -15,8 +15,8 @@ import torch
 from lmforge.models import build_model, count_params
 from lmforge.objectives import ObjectiveContext, build_objective
 from lmforge.recipe import load_config
-from lmforge.train.dry_run import RandomTokens, default_special_tokens
 from lmforge.train.metrics import console_mode, flops_per_token, gpu_peak_flops, matmul_params
+from lmforge.train.probe import RandomTokens, default_special_tokens
 from lmforge.train.trainer import Trainer
 
 VOCAB = 97
