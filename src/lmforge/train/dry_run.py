@@ -8,6 +8,7 @@ tokenizer's if `lmforge tokenizer` has run, else `tokenizer.vocab_size` (the siz
 
 The memory estimate's formulas are in memory_estimate.py, the timed probe in probe.py.
 """
+
 from __future__ import annotations
 
 import copy

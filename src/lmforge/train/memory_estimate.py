@@ -1,4 +1,4 @@
-"""The dry run's memory estimate per process (one device, no sharding), in bytes.
+"""The dry run's memory estimate (train/dry_run.py).
 
 Memory, per process (one device, no sharding), in bytes, with N parameters, L layers, micro-batch b
 rows of s tokens, width h, key/value width h_kv, MLP width f, vocabulary V, activation bytes p (2 for

@@ -2,7 +2,7 @@
 
 The probe runs Trainer.train_step itself (objective, autocast, clipping, the optimizer) on random
 tokens for a few steps after a warm-up. When the estimate fits the free memory (and, on a CPU, the
-micro-batch is small: CPU_FULL_PROBE_FLOPS), it runs the real model on the real micro-batch and the
+micro-batch is small: dry_run.CPU_FULL_PROBE_FLOPS), it runs the real model on the real micro-batch and the
 full step is grad_accum micro-batches; otherwise a one-layer copy of the model (on CPU on one row of
 128 tokens) gives the FLOP/s it achieves, and the estimate scales the full step's FLOPs
 (metrics.flops_per_token) by it: rough, and pessimistic where the probe's matmuls are smaller than
