@@ -401,3 +401,16 @@ def test_small_files_of_an_input_are_grouped_into_few_tasks(tmp_path):
     assert sum(len(split) for split in docs) == 120  # the same ids in 40 files: all kept
     assert a["docs_removed"] == b["docs_removed"] == 1  # part07's repeated record
     assert [r["reason"] for r in removed_records(tmp_path / "grouped")] == ["duplicate_id"]
+
+
+def test_removal_chart_keeps_the_sources_that_lost_most_and_sums_the_rest():
+    from lmforge.data.report import CHART_SOURCES, _top_sources
+
+    removed = {f"part{k:02d}": [k, 2 * k] for k in range(40)}  # one source per file of a folder
+    top = _top_sources(removed)
+    assert len(top) == CHART_SOURCES
+    assert list(top)[:3] == ["part39", "part38", "part37"] and list(top)[-1] == f"{41 - CHART_SOURCES} other sources"
+    totals = [sum(col) for col in zip(*removed.values(), strict=True)]
+    assert [sum(col) for col in zip(*top.values(), strict=True)] == totals, "every removal is still counted"
+    few = {"prose": [1, 0], "code": [0, 2]}
+    assert _top_sources(few) == few

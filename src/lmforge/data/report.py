@@ -11,6 +11,7 @@ from lmforge.io_utils import atomic_write_bytes, atomic_write_text
 from lmforge.plots import figure_png, subplots
 
 EXAMPLES_PER_REASON = 3
+CHART_SOURCES = 8  # bars in the removal chart: the sources that lost most, then one for the rest
 
 
 def write_report(out_dir: Path, ledger: dict[str, Any]) -> Path:
@@ -63,9 +64,10 @@ def _chart(path: Path, ledger: dict[str, Any]) -> bool:
                for s in sources}
     if not any(any(v) for v in removed.values()):
         return False
+    removed = _top_sources(removed)
     fig, ax = subplots(figsize=(max(6, len(steps) * 1.2), 4))
     bottom = [0] * len(steps)
-    for s in sources:
+    for s in removed:
         ax.bar(steps, removed[s], bottom=bottom, label=s)
         bottom = [b + v for b, v in zip(bottom, removed[s], strict=True)]
     ax.set_ylabel("documents removed")
@@ -76,3 +78,14 @@ def _chart(path: Path, ledger: dict[str, Any]) -> bool:
         label.set_horizontalalignment("right")
     atomic_write_bytes(path, figure_png(fig, dpi=100))
     return True
+
+
+def _top_sources(removed: dict[str, list[int]]) -> dict[str, list[int]]:
+    """The CHART_SOURCES sources that lost the most documents, the rest summed as one bar: a folder
+    of many files is many sources (one per file), and a legend of hundreds fits no figure."""
+    if len(removed) <= CHART_SOURCES:
+        return removed
+    ranked = sorted(removed, key=lambda s: (-sum(removed[s]), s))
+    top, rest = ranked[: CHART_SOURCES - 1], ranked[CHART_SOURCES - 1 :]
+    other = [sum(col) for col in zip(*(removed[s] for s in rest), strict=True)]
+    return {**{s: removed[s] for s in top}, f"{len(rest)} other sources": other}
