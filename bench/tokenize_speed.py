@@ -66,7 +66,7 @@ def main() -> None:
     os.environ["RAYON_NUM_THREADS"] = str(args.threads)  # before tokenizers starts its thread pool
 
     from lmforge.config import TokenizerConfig
-    from lmforge.data.io import ShardWriter
+    from lmforge.data.doc_shards import ShardWriter
     from lmforge.recipe import load_config
     from lmforge.stages import RunPaths, stage_tokenize
     from lmforge.tokenizer.fast_encode import FastEncoder

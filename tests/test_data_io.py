@@ -17,8 +17,9 @@ import zstandard
 
 from lmforge.config import BuiltinCorpusConfig, InputConfig
 from lmforge.data.builtin import docstrings, iter_builtin_corpus
+from lmforge.data.doc_shards import ShardReadError, ShardWriter, read_documents
 from lmforge.data.document import Document
-from lmforge.data.io import PARQUET_BATCH_ROWS, ShardReadError, ShardWriter, iter_input, read_documents
+from lmforge.data.inputs import PARQUET_BATCH_ROWS, iter_input
 from lmforge.data.ledger import Ledger
 
 

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from lmforge.config import BuiltinCorpusConfig, ConfigError, DataConfig, InputConfig
 from lmforge.data import pipeline
+from lmforge.data.doc_shards import read_documents
 from lmforge.data.document import Document
-from lmforge.data.io import read_documents
 from lmforge.data.ledger import Ledger, LedgerMismatch
 from lmforge.data.pipeline import DataStageError, run_data_stage, run_step
 from lmforge.data.rounds import split_key

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmforge.data import io as data_io
+from lmforge.data import doc_shards
 from lmforge.recipe import load_config
 from lmforge.stages import RunPaths, stage_data, stage_tokenize, stage_tokenizer
 from lmforge.tokens import token_sets
@@ -57,7 +57,7 @@ def test_any_thread_count_writes_the_same_token_sets(run_dir):
 
 
 def test_a_failing_split_stops_the_other_and_is_the_error_reported(run_dir, monkeypatch):
-    real = data_io.read_documents
+    real = doc_shards.read_documents
     read_from_train: list[str] = []
 
     def read(where, meta=True):
@@ -68,7 +68,7 @@ def test_a_failing_split_stops_the_other_and_is_the_error_reported(run_dir, monk
             read_from_train.append(doc.id)
             yield doc
 
-    monkeypatch.setattr(data_io, "read_documents", read)
+    monkeypatch.setattr(doc_shards, "read_documents", read)
     # Batches of 8 documents: the stop is seen at the next batch, well before train's ~480 are read.
     monkeypatch.setattr(token_sets, "doc_batches", functools.partial(doc_batches, max_docs=8))
     with pytest.raises(ValueError, match="val shard unreadable"):

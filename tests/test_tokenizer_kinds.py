@@ -324,8 +324,8 @@ def test_measure_counts_bytes_tokens_and_caps(trained):
 
 def test_tokenizer_report_on_a_run_and_cli(tmp_path, capsys):
     from lmforge.cli import main
+    from lmforge.data.doc_shards import ShardWriter
     from lmforge.data.document import Document
-    from lmforge.data.io import ShardWriter
     from lmforge.stages import RunPaths
     from lmforge.tokenizer.report import tokenizer_report
 

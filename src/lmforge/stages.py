@@ -63,7 +63,7 @@ def stage_data(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def stage_tokenizer(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
-    from lmforge.data.io import read_documents
+    from lmforge.data.doc_shards import read_documents
     from lmforge.tokenizer.train import import_tokenizer, spread_sample, train_tokenizer
 
     paths = RunPaths(cfg.out)
@@ -93,7 +93,7 @@ def _export_tiktoken(tokenizer_path: Path, progress: bool) -> str:
 def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """One token set per (split, source), resumable per input document shard; returns each split's
     manifest (tokens, documents, bytes and bytes/token per source)."""
-    from lmforge.data.io import read_documents, shard_paths
+    from lmforge.data.doc_shards import read_documents, shard_paths
     from lmforge.tokenizer.fast_encode import usable_cpus
     from lmforge.tokenizer.special_tokens import load_special_tokens
     from lmforge.tokenizer.tiktoken_file import encoder_for
@@ -372,7 +372,7 @@ def _zero_shot(cfg: RunConfig, paths: RunPaths, model: torch.nn.Module, trained:
                device: torch.device) -> dict[str, Any]:
     """eval.tasks: acc / acc_norm per task ("builtin": continuations of held-out documents), with each
     task's 13-gram overlap with the training documents."""
-    from lmforge.data.io import read_documents
+    from lmforge.data.doc_shards import read_documents
     from lmforge.eval.builtin_tasks import builtin_task_file
     from lmforge.eval.contamination import contamination
     from lmforge.eval.tasks import evaluate_tasks

@@ -30,7 +30,7 @@ from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
 from lmforge.data import textstats
-from lmforge.data.io import open_binary
+from lmforge.data.files import open_binary
 from lmforge.io_utils import atomic_write_bytes, atomic_write_json
 
 FORMAT = "lmforge-linear-classifier"

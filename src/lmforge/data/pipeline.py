@@ -21,9 +21,9 @@ from typing import Any, Protocol
 
 from lmforge.config import DataConfig
 from lmforge.data.dedup import DedupAlarm, DedupStep
+from lmforge.data.doc_shards import SHARD_GLOB, ShardWriter, read_documents
 from lmforge.data.document import Document
 from lmforge.data.executor import resolve_workers, run_tasks
-from lmforge.data.io import SHARD_GLOB, ShardWriter, read_documents
 from lmforge.data.ledger import Ledger
 from lmforge.data.report import write_report
 from lmforge.data.rounds import (

@@ -23,9 +23,11 @@ import zstandard
 from lmforge.config import DataConfig
 from lmforge.data.builtin import iter_builtin_corpus
 from lmforge.data.dedup import DEDUP, DedupStep, doc_key
+from lmforge.data.doc_shards import ShardWriter
 from lmforge.data.document import Document
+from lmforge.data.files import input_files, input_root
 from lmforge.data.filters import FilterStep, build_filter
-from lmforge.data.io import READ_STEP, ReadDoc, ShardWriter, count_read, input_files, input_root, read_file
+from lmforge.data.inputs import READ_STEP, ReadDoc, count_read, read_file
 from lmforge.data.ledger import Ledger
 from lmforge.errors import ConfigError
 from lmforge.io_utils import atomic_path

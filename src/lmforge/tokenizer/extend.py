@@ -169,7 +169,7 @@ def read_texts(paths: Iterable[str]) -> list[str]:
     """The texts of files, directories or globs, read as `data.inputs` are (text, jsonl, parquet,
     compressed or not)."""
     from lmforge.config import InputConfig
-    from lmforge.data.io import iter_input
+    from lmforge.data.inputs import iter_input
     from lmforge.data.ledger import Ledger
 
     ledger = Ledger()

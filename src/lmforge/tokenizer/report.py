@@ -78,7 +78,7 @@ def format_table(rows: dict[str, dict[str, Any]], title: str = "") -> str:
 def tokenizer_report(cfg: RunConfig, split: str = "val", max_bytes_per_source: int = 50_000_000) -> dict[str, Any]:
     """Bytes/token per source of the run's tokenizer on its clean `split` documents (val: text the
     tokenizer was not trained on). Returns {"tokenizer", "split", "sources": rows, "table"}."""
-    from lmforge.data.io import read_documents
+    from lmforge.data.doc_shards import read_documents
     from lmforge.stages import RunPaths, _need
     from lmforge.tokenizer.train import load_tokenizer
 
