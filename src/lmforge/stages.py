@@ -173,6 +173,7 @@ def objective_for(cfg: RunConfig, trained: RunConfig | None = None) -> Any:
 def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
     from lmforge.tokenizer.train import load_tokenizer
     from lmforge.train.checkpoint import find_latest, read_state
+    from lmforge.train.model_setup import build_parallel_model, import_init_from
     from lmforge.train.optim import build_optimizer
     from lmforge.train.parallel import setup
     from lmforge.train.precision import Precision
@@ -182,7 +183,7 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
     d = setup(cfg.train.parallel.mode, resolve_device(cfg.train.device))
     _share_batch(cfg, d.data_world)
     train_ds, val_ds = _datasets(paths)
-    imported = _init_from(cfg)
+    imported = import_init_from(cfg)
     tokenizer_vocab = load_tokenizer(paths.tokenizer).get_vocab_size()
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer_vocab
@@ -195,7 +196,7 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
         raise ConfigError(
             f"{latest} was trained with another model config; use a new out_dir or train.resume=false"
         )
-    model, pipeline, n_params = _build_parallel_model(cfg, d, imported)
+    model, pipeline, n_params = build_parallel_model(cfg, d, imported)
     objective = objective_for(cfg)
     loader = build_loader(cfg, train_ds, objective, rank=d.data_rank, world_size=d.data_world)
     if d.is_main:
@@ -239,22 +240,6 @@ def _periodic_eval(cfg: RunConfig, val_ds: dict[str, Any], objective: Any, d: An
     return evaluate
 
 
-def _init_from(cfg: RunConfig) -> torch.nn.Module | None:
-    """train.init_from: the imported model, whose config replaces the recipe's model section (a
-    checkpoint of this run, if any, is loaded over its weights by the trainer, as any resume)."""
-    if not cfg.train.init_from:
-        return None
-    from lmforge.export import import_hf
-
-    model, model_cfg = import_hf(Path(cfg.train.init_from))
-    cfg.model = model_cfg
-    model_cfg.validate("model")
-    if cfg.model.family not in cfg.objective.families:
-        raise ConfigError(f"train.init_from: {cfg.train.init_from} is a {cfg.model.family} model; objective "
-                          f"{cfg.objective.name!r} trains: {', '.join(cfg.objective.families)}")
-    return model
-
-
 def _share_batch(cfg: RunConfig, data_world: int) -> None:
     """A batch given in tokens is global: data-parallel ranks split its micro-batches."""
     tc = cfg.train
@@ -266,48 +251,6 @@ def _share_batch(cfg: RunConfig, data_world: int) -> None:
             f"{tc.batch_size} x {tc.seq_len}, which {data_world} data-parallel ranks cannot share evenly"
         )
     tc.grad_accum //= data_world
-
-
-def _build_parallel_model(cfg: RunConfig, d: Any, imported: torch.nn.Module | None) -> tuple[Any, Any, int]:
-    """(model, pipeline runner or None, parameter count): built, parallelised and initialised in
-    torchtitan's order where the layout splits parameters (fsdp, tp): on the meta device, then
-    wrapped, then each rank materialises and initialises only its own pieces, so no rank ever holds
-    the whole model. `models.init` draws every piece as the unsplit model would, so 1 and N ranks
-    start from identical weights. ddp and pp replicate or cut a whole model, built and initialised
-    first."""
-    from lmforge.models import build_model, count_params, materialize
-
-    torch.manual_seed(cfg.seed)
-    meta_first = imported is None and d.world > 1 and d.mode in ("fsdp", "tp")
-    if imported is not None:
-        model = imported.to(d.device)
-    else:
-        model = build_model(cfg.model, init=not meta_first, device=d.device)
-    n_params = count_params(model)  # before a pipeline cuts it; meta parameters have their sizes
-    model, pipeline = _parallel_model(cfg, model, d)
-    if meta_first:
-        # FSDP's CPU offload keeps the shards on the host: they are created there (as torchtitan does).
-        materialize(model, "cpu" if cfg.train.parallel.cpu_offload else d.device)
-        model.init_weights()
-    return model, pipeline, n_params
-
-
-def _parallel_model(cfg: RunConfig, model: torch.nn.Module, d: Any) -> tuple[torch.nn.Module, Any]:
-    """The model as train.parallel.mode wraps it, and the pipeline runner for pp (else None)."""
-    from lmforge.train.parallel import parallelize
-
-    tc = cfg.train
-    if d.mode != "pp" or d.world == 1:
-        return parallelize(model, d, tc.parallel.cpu_offload, tc.activation_checkpointing, tc.compile), None
-    from lmforge.train.pipeline import PipelineRunner
-
-    if cfg.objective.name != "lm" or getattr(cfg.objective, "document_mask", False):
-        raise ConfigError("train.parallel.mode: pp trains the plain `lm` objective (no document_mask)")
-    if tc.precision == "fp16" or tc.activation_checkpointing != "none" or tc.compile:
-        raise ConfigError("train.parallel.mode: pp runs without fp16 loss scaling, activation checkpointing "
-                          "and compile for now; use bf16 / fp32 and leave those off")
-    pipeline = PipelineRunner(model, d, cfg.train.parallel.microbatches)
-    return pipeline.module, pipeline
 
 
 def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, RunConfig, Path]:

@@ -12,7 +12,7 @@ CPU, NCCL on CUDA) and `parallelize` wraps the model the way `train.parallel.mod
   rank 0 holds the embedding and the first half of the blocks, rank 1 the rest and the head.
 Data-parallel ranks (ddp, fsdp) take disjoint rows of each global batch; tp and pp ranks share
 theirs. For fsdp and tp the model arrives on the meta device and each rank materialises and
-initialises its own pieces afterwards (stages._build_parallel_model; `models.init` draws them as the
+initialises its own pieces afterwards (model_setup.build_parallel_model; `models.init` draws them as the
 unsplit model would); ddp and pp get a model built whole from the same seed. Either way 1 and N
 ranks start from identical weights.
 """

@@ -1,0 +1,70 @@
+"""The model a training run starts from: imported (train.init_from) or built, then parallelised
+and initialised in the order train.parallel.mode needs (stage_train calls these; parallel.py holds
+the wrappers themselves)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.config import ConfigError, RunConfig
+
+
+def import_init_from(cfg: RunConfig) -> torch.nn.Module | None:
+    """train.init_from: the imported model, whose config replaces the recipe's model section (a
+    checkpoint of this run, if any, is loaded over its weights by the trainer, as any resume)."""
+    if not cfg.train.init_from:
+        return None
+    from lmforge.export import import_hf
+
+    model, model_cfg = import_hf(Path(cfg.train.init_from))
+    cfg.model = model_cfg
+    model_cfg.validate("model")
+    if cfg.model.family not in cfg.objective.families:
+        raise ConfigError(f"train.init_from: {cfg.train.init_from} is a {cfg.model.family} model; objective "
+                          f"{cfg.objective.name!r} trains: {', '.join(cfg.objective.families)}")
+    return model
+
+
+def build_parallel_model(cfg: RunConfig, d: Any, imported: torch.nn.Module | None) -> tuple[Any, Any, int]:
+    """(model, pipeline runner or None, parameter count): built, parallelised and initialised in
+    torchtitan's order where the layout splits parameters (fsdp, tp): on the meta device, then
+    wrapped, then each rank materialises and initialises only its own pieces, so no rank ever holds
+    the whole model. `models.init` draws every piece as the unsplit model would, so 1 and N ranks
+    start from identical weights. ddp and pp replicate or cut a whole model, built and initialised
+    first."""
+    from lmforge.models import build_model, count_params, materialize
+
+    torch.manual_seed(cfg.seed)
+    meta_first = imported is None and d.world > 1 and d.mode in ("fsdp", "tp")
+    if imported is not None:
+        model = imported.to(d.device)
+    else:
+        model = build_model(cfg.model, init=not meta_first, device=d.device)
+    n_params = count_params(model)  # before a pipeline cuts it; meta parameters have their sizes
+    model, pipeline = _wrap(cfg, model, d)
+    if meta_first:
+        # FSDP's CPU offload keeps the shards on the host: they are created there (as torchtitan does).
+        materialize(model, "cpu" if cfg.train.parallel.cpu_offload else d.device)
+        model.init_weights()
+    return model, pipeline, n_params
+
+
+def _wrap(cfg: RunConfig, model: torch.nn.Module, d: Any) -> tuple[torch.nn.Module, Any]:
+    """The model as train.parallel.mode wraps it, and the pipeline runner for pp (else None)."""
+    from lmforge.train.parallel import parallelize
+
+    tc = cfg.train
+    if d.mode != "pp" or d.world == 1:
+        return parallelize(model, d, tc.parallel.cpu_offload, tc.activation_checkpointing, tc.compile), None
+    from lmforge.train.pipeline import PipelineRunner
+
+    if cfg.objective.name != "lm" or getattr(cfg.objective, "document_mask", False):
+        raise ConfigError("train.parallel.mode: pp trains the plain `lm` objective (no document_mask)")
+    if tc.precision == "fp16" or tc.activation_checkpointing != "none" or tc.compile:
+        raise ConfigError("train.parallel.mode: pp runs without fp16 loss scaling, activation checkpointing "
+                          "and compile for now; use bf16 / fp32 and leave those off")
+    pipeline = PipelineRunner(model, d, cfg.train.parallel.microbatches)
+    return pipeline.module, pipeline
