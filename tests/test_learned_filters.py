@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -248,3 +250,9 @@ def test_perplexity_accepts_a_checkpoint_directory_and_rejects_other_paths(tiny_
     assert by_run.scorer.perplexity(long_text, 1000)[1] > 64
     with pytest.raises(ConfigError, match=r"^data.filters\[0\].checkpoint: .* neither an lmforge run directory"):
         build_filter({"name": "perplexity", "checkpoint": str(tmp_path)}, 0)
+
+
+def test_data_workers_import_no_torch():
+    """Every data worker (spawned) imports the rule registry; torch alone would add ~1 s to each."""
+    code = "import sys, lmforge.data.rounds; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)

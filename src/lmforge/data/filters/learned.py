@@ -16,9 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
 from lmforge.data import textstats
 from lmforge.data.classifier import load_classifier
 from lmforge.data.document import Document
@@ -160,19 +157,22 @@ class LMScorer:
         self.tokenizer = load_tokenizer(path)
         self.eos = load_special_tokens(path, self.tokenizer).eos
 
-    @torch.no_grad()
     def perplexity(self, text: str, max_tokens: int) -> tuple[float, int]:
         """(perplexity, tokens scored) of the first `max_tokens` tokens, each predicted from what precedes
         it. An EOS goes first, as training packs one before every document, so the first token is scored
         as a document start. Text past the model's context is scored in fresh windows."""
+        import torch  # here, not at the top: every data worker imports the rule registry (~1 s for torch)
+        import torch.nn.functional as F
+
         ids = [self.eos, *self.tokenizer.encode(text, add_special_tokens=False).ids[:max_tokens]]
         window = self.model.cfg.max_seq_len
         nats, count = 0.0, 0
-        for start in range(0, len(ids) - 1, window):
-            chunk = torch.tensor([ids[start : start + window + 1]], dtype=torch.long)
-            logits = self.model(chunk[:, :-1])[0].float()
-            nats += float(F.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
-            count += chunk.shape[1] - 1
+        with torch.no_grad():
+            for start in range(0, len(ids) - 1, window):
+                chunk = torch.tensor([ids[start : start + window + 1]], dtype=torch.long)
+                logits = self.model(chunk[:, :-1])[0].float()
+                nats += float(F.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
+                count += chunk.shape[1] - 1
         return (math.exp(nats / count), count) if count else (math.nan, 0)
 
 
