@@ -144,10 +144,7 @@ class ShardWriter:
         """One document's token ids (without EOS; it is appended here) and its UTF-8 length."""
         ids = np.asarray(ids)  # range-checked at the flush, once per buffer, before the cast to dtype
         n = ids.size + 1
-        if self._out is not None and self._shard_tokens + n > self.max_shard_tokens:
-            self._finish_shard()
-        if self._out is None:
-            self._start_shard()
+        self._open_for([n], 0)
         self._buffer.append(ids)
         self._buffered += n
         self._record(source, [n], [n_bytes])
@@ -162,7 +159,7 @@ class ShardWriter:
         self.counts += packed.counts
         at = offset = 0
         while at < len(packed.lengths):
-            end = self._fitting(packed.lengths, at)
+            end = self._open_for(packed.lengths, at)
             size = sum(packed.lengths[at:end])
             self._flush()  # documents add()ed before these go first
             assert self._out is not None
@@ -172,7 +169,7 @@ class ShardWriter:
             self._record(source, packed.lengths[at:end], packed.n_bytes[at:end])
             at, offset = end, offset + size
 
-    def _fitting(self, lengths: list[int], at: int) -> int:
+    def _open_for(self, lengths: list[int], at: int) -> int:
         """Open a shard with room for documents at, at+1, ... and return where they stop fitting (at
         least one document: a longer one gets an oversized shard of its own)."""
         if self._out is not None and self._shard_tokens + lengths[at] > self.max_shard_tokens:
