@@ -21,15 +21,8 @@ from lmforge.data.dedup.lsh_plan import (
     memory_estimate,
     midpoint,
 )
-from lmforge.data.dedup.minhash import (
-    DedupAlarm,
-    MinHashDedup,
-    MinHasher,
-    batch_token_hashes,
-    components,
-    similarity,
-    token_hashes,
-)
+from lmforge.data.dedup.minhash import DedupAlarm, MinHashDedup, components
+from lmforge.data.dedup.signatures import MinHasher, batch_token_hashes, similarity, token_hashes
 from lmforge.data.document import Document
 
 CJK_BASE = 0x4E00

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from math import ceil, comb
 
 DEFAULT_SIMILARITIES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
-SIG_BYTES = 4  # one uint32 per permutation (minhash.MinHasher keeps the top 32 bits)
+SIG_BYTES = 4  # one uint32 per permutation (signatures.MinHasher keeps the top 32 bits)
 # Reduce, per signed document: the key (8 B) kept throughout, and for the band being processed its
 # 64-bit bucket hash, the sort order and the sorted copy (8 B each) plus bucket-start flags (1 B) and
 # head indices (8 B). Everything else (edges, clusters) scales with the duplicates, not the corpus.
