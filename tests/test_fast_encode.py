@@ -194,11 +194,12 @@ def test_ids_not_in_merge_order_use_the_lookup(lmforge_tok, corpus):
     assert [a.tolist() for a in encoder.encode_arrays(batch)] == reference(shuffled, batch)
 
 
-def test_make_encoder_and_surrogates(lmforge_tok):
-    encode, name = fe.make_encoder(lmforge_tok, threads=2)
-    assert name.startswith("tiktoken") and encode(["hi there"]) == reference(lmforge_tok, ["hi there"])
-    with pytest.raises(ValueError, match="surrogate"):  # tiktoken would silently write U+FFFD
-        encode(["ok", "bad \ud800 text"])
+def test_fast_encoder_and_surrogates(lmforge_tok):
+    encoder = fe.FastEncoder(lmforge_tok, threads=2)
+    assert encoder.name.startswith("tiktoken") and encoder(["hi there"]) == reference(lmforge_tok, ["hi there"])
+    for encode in (encoder.encode_batch, encoder.encode_arrays):
+        with pytest.raises(ValueError, match="surrogate"):  # tiktoken would silently write U+FFFD
+            encode(["ok", "bad \ud800 text"])
 
 
 # ---------------------------------------------------------------- refusals

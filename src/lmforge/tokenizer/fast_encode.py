@@ -399,12 +399,4 @@ class FastEncoder:
     __call__ = encode_batch
 
 
-def make_encoder(
-    tokenizer: Tokenizer, threads: int | None = None, specials_as_text: bool = True
-) -> tuple[Callable[[list[str]], list[list[int]]], str]:
-    """(encode_batch returning our ids, a line naming the backend and why it was chosen)."""
-    encoder = FastEncoder(tokenizer, threads=threads, specials_as_text=specials_as_text)
-    return encoder.encode_batch, encoder.name
-
-
 assert set(bytes_to_unicode().values()) == set(pre_tokenizers.ByteLevel.alphabet()), "GPT-2 byte table changed"
