@@ -13,6 +13,7 @@ written last, with `"format": "dcp"`); `latest` is moved by rank 0 after a barri
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,11 @@ def load_distributed(ckpt: Path, model: nn.Module, optimizer: Any | None, restor
     optims = _optimizers(optimizer) if optimizer is not None else []
     model_sd, optim_sd = get_state_dict(model, optims)
     target = {"model": model_sd, "optim": optim_sd} if optims else {"model": model_sd}
-    dcp.load(target, checkpoint_id=str(Path(ckpt) / "dcp"))
+    single = not (dist.is_available() and dist.is_initialized())  # eval / export consolidating alone
+    with warnings.catch_warnings():
+        if single:  # torch warns that it assumes one process, which is the intent here
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(target, checkpoint_id=str(Path(ckpt) / "dcp"), no_dist=single)
     set_state_dict(model, optims, model_state_dict=target["model"], optim_state_dict=target.get("optim", {}))
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng = Path(ckpt) / f"rng_rank{rank}.safetensors"
