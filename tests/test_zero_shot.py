@@ -359,6 +359,18 @@ def test_builtin_task_leaves_out_passages_found_in_training(tmp_path: Path) -> N
     report = contamination([tmp_path / "builtin_continuation.jsonl"], training)["builtin_continuation"]
     assert report["contaminated"] == 0 and report["items"] == len(items)
 
+    def unread():  # a training set that must not be read: every task was built clean against it
+        raise AssertionError("the training documents were read again")
+        yield
+
+    task = tmp_path / "builtin_continuation.jsonl"
+    assert contamination([task], unread(), checked=[task]) == {"builtin_continuation": report}
+    other = tmp_path / "other.jsonl"
+    record = {"id": "o1", "context": " ".join(seen[:20]), "choices": [" x", " y"], "gold": 0}
+    other.write_text(json.dumps(record) + "\n")
+    both = contamination([task, other], training, checked=[task])  # the other task is still scanned
+    assert both["builtin_continuation"] == report and both["other"]["contaminated"] == 1
+
 
 def test_builtin_task_from_the_builtin_corpus_is_fast_and_sized(tmp_path: Path) -> None:
     docs = list(iter_builtin_corpus(BuiltinCorpusConfig(max_prose_bytes=60_000, max_code_bytes=0)))

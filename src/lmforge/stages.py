@@ -324,10 +324,12 @@ def _zero_shot(cfg: RunConfig, paths: RunPaths, model: torch.nn.Module, trained:
 
     out: dict[str, Any] = {}
     tasks = [t for t in cfg.eval.tasks if t != "builtin"]
+    built_clean = []  # its passages sharing a 13-gram with the training set were left out as it was built
     if "builtin" in cfg.eval.tasks:
         try:
             held_out, train = (read_documents(paths.data / split, meta=False) for split in ("val", "train"))
-            tasks.append(str(builtin_task_file(paths.root / "eval" / "tasks", held_out, exclude=train)))
+            built_clean.append(str(builtin_task_file(paths.root / "eval" / "tasks", held_out, exclude=train)))
+            tasks += built_clean
         except ValueError as e:  # too few held-out documents for a task: said, not fatal
             out["zero_shot_skipped"] = f"builtin: {e}"
     if not tasks:
@@ -335,7 +337,7 @@ def _zero_shot(cfg: RunConfig, paths: RunPaths, model: torch.nn.Module, trained:
     tok = load_tokenizer(paths.tokenizer)
     special = load_special_tokens(paths.tokenizer, tok)
     out["zero_shot"] = evaluate_tasks(model, tok, special, tasks, trained.model.family, device, cfg.eval.batch_size)
-    out["contamination"] = contamination(tasks, read_documents(paths.data / "train", meta=False))
+    out["contamination"] = contamination(tasks, read_documents(paths.data / "train", meta=False), checked=built_clean)
     return out
 
 
