@@ -149,8 +149,13 @@ VARIANTS: dict[type, dict[str, type]] = {}  # base dataclass -> name -> subclass
 def default_variant(base: type, where: str) -> Any:
     """The registered subclass of `base` that its discriminator's default names, with its defaults
     (the section a recipe leaves out). Reading a recipe picks by name: `recipe.choose_variant`."""
-    name = {f.name: f.default for f in dataclasses.fields(base)}[base.DISCRIMINATOR]
+    name = default_variant_name(base)
     return variant_class(base, name, where)(**{base.DISCRIMINATOR: name})
+
+
+def default_variant_name(base: type) -> str:
+    """The name `base`'s discriminator field defaults to (`arch: decoder`, `name: adamw`, ...)."""
+    return {f.name: f.default for f in dataclasses.fields(base)}[base.DISCRIMINATOR]
 
 
 def variant_class(base: type, name: str, where: str) -> type:

@@ -20,7 +20,15 @@ from typing import Any, Literal
 import yaml
 
 from lmforge import models, objectives  # noqa: F401  (register architectures and objectives)
-from lmforge.config import ConfigError, RunConfig, TrainConfig, check, join_key, variant_class
+from lmforge.config import (
+    ConfigError,
+    RunConfig,
+    TrainConfig,
+    check,
+    default_variant_name,
+    join_key,
+    variant_class,
+)
 from lmforge.data.filters import build_filter
 from lmforge.train import optim, schedules  # noqa: F401  (register optimizers and schedules)
 
@@ -120,7 +128,7 @@ def choose_variant(base: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     key = base.DISCRIMINATOR
-    name = data.get(key, {f.name: f.default for f in dataclasses.fields(base)}[key])
+    name = data.get(key, default_variant_name(base))
     return build(variant_class(base, name, where), {**data, key: name}, where)
 
 
