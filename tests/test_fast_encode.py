@@ -194,10 +194,63 @@ def test_ids_not_in_merge_order_use_the_lookup(lmforge_tok, corpus):
     assert [a.tolist() for a in encoder.encode_arrays(batch)] == reference(shuffled, batch)
 
 
+def joined_reference(encoder: fe.FastEncoder, batch: list[str], sep: int) -> tuple[list[int], list[int]]:
+    ids = encoder.encode_batch(batch)
+    return [t for doc in ids for t in (*doc, sep)], [len(doc) + 1 for doc in ids]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=texts, as_text=st.booleans(), name=st.sampled_from(["lmforge", "gpt4"]))
+def test_property_joined_equals_one_call_per_text(encoders, lmforge_tok, batch, as_text, name):
+    """One call for the batch with EOS between texts (the tokenize stage's) gives each text's own ids,
+    including texts that quote "<|endoftext|>" or other specials, empty texts and odd Unicode."""
+    encoder = encoders[(name, as_text)]
+    eos = lmforge_tok.token_to_id("<|endoftext|>")
+    tokens, lengths = encoder.encode_joined(batch, eos)
+    assert tokens.dtype == np.uint32
+    assert (tokens.tolist(), lengths) == joined_reference(encoder, batch, eos)
+
+
+def test_joined_takes_one_call_unless_a_text_holds_the_separator(lmforge_tok, corpus, monkeypatch):
+    encoder = fe.FastEncoder(lmforge_tok, threads=1)
+    eos = lmforge_tok.token_to_id("<|endoftext|>")
+    want = joined_reference(encoder, corpus[:50], eos)
+    per_text = []
+    monkeypatch.setattr(fe, "_tiktoken_arrays", lambda *a: per_text.append(1) or [])
+    tokens, lengths = encoder.encode_joined(corpus[:50], eos)
+    assert (tokens.tolist(), lengths) == want and not per_text  # one call, no per-text encoding
+    monkeypatch.undo()
+    quoting = ["a <|endoftext|> b", "c"]
+    tokens, lengths = encoder.encode_joined(quoting, eos)
+    assert (tokens.tolist(), lengths) == joined_reference(encoder, quoting, eos)
+    assert lengths[0] == len(encoder.encode_batch(quoting[:1])[0]) + 1  # the quote stays text
+    # A separator that is an ordinary token, and the `tokenizers` fallback, join after encoding.
+    plain = lmforge_tok.token_to_id("a")
+    hf = fe.FastEncoder(lmforge_tok, threads=1, use_tiktoken=False)
+    for enc, sep in ((encoder, plain), (hf, eos)):
+        tokens, lengths = enc.encode_joined(corpus[:5], sep)
+        assert (tokens.tolist(), lengths) == joined_reference(encoder, corpus[:5], sep)
+    assert encoder.encode_joined([], eos)[0].size == 0
+
+
+def test_joined_through_the_lookup_table(lmforge_tok, corpus):
+    """Ids not in merge order: the one call's values go through the same rank -> id table."""
+    spec = json.loads(lmforge_tok.to_str())
+    merged = {"".join(m) if isinstance(m, list) else m.replace(" ", "") for m in spec["model"]["merges"]}
+    ids = sorted(spec["model"]["vocab"][t] for t in merged)
+    for token, new_id in zip(sorted(merged, key=spec["model"]["vocab"].get), reversed(ids), strict=True):
+        spec["model"]["vocab"][token] = new_id
+    encoder = fe.FastEncoder(Tokenizer.from_str(json.dumps(spec)), threads=1)
+    eos = lmforge_tok.token_to_id("<|endoftext|>")
+    batch = corpus[:20] + list(fe.PROBE_TEXTS)
+    tokens, lengths = encoder.encode_joined(batch, eos)
+    assert (tokens.tolist(), lengths) == joined_reference(encoder, batch, eos)
+
+
 def test_fast_encoder_and_surrogates(lmforge_tok):
     encoder = fe.FastEncoder(lmforge_tok, threads=2)
     assert encoder.name.startswith("tiktoken") and encoder(["hi there"]) == reference(lmforge_tok, ["hi there"])
-    for encode in (encoder.encode_batch, encoder.encode_arrays):
+    for encode in (encoder.encode_batch, encoder.encode_arrays, lambda t: encoder.encode_joined(t, 0)):
         with pytest.raises(ValueError, match="surrogate"):  # tiktoken would silently write U+FFFD
             encode(["ok", "bad \ud800 text"])
 

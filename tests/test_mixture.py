@@ -304,6 +304,29 @@ def test_encoder_threads_finishing_out_of_order_write_the_one_thread_bytes(tmp_p
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "many" / f).read_bytes(), f
 
 
+def test_joined_encoder_writes_the_bytes_of_one_call_per_text(tmp_path) -> None:
+    """With `encode_joined` (one call per source and batch, EOS placed by the encoder) the token sets
+    are byte for byte those of `encode`, and the joined encoder is the one that ran."""
+    shards = docs_by_shard()
+    inputs = write_inputs(tmp_path, shards)
+    calls = []
+
+    def joined(texts: list[str], sep: int) -> tuple[np.ndarray, list[int]]:
+        calls.append(len(texts))
+        ids = encode(texts)
+        return np.array([t for doc in ids for t in (*doc, sep)], dtype=np.uint32), [len(doc) + 1 for doc in ids]
+
+    def unused(texts: list[str]) -> list[list[int]]:
+        raise AssertionError("encode ran although encode_joined was given")
+
+    one = tokenize(tmp_path / "one", inputs, shards)
+    both = tokenize(tmp_path / "joined", inputs, shards, encode=unused, encode_joined=joined)
+    assert both == one and sum(calls) == sum(len(docs) for docs in shards.values())
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "joined" / f).read_bytes(), f
+
+
 def test_tokenize_resume_redoes_everything_when_a_finished_input_changed(tmp_path) -> None:
     shards = docs_by_shard()
     inputs = write_inputs(tmp_path, shards)

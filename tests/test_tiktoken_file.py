@@ -50,7 +50,7 @@ def test_export_holds_the_checked_ranks_and_skips_the_merge_check(tokenizer_path
     def no_merge_check(*args, **kwargs):
         raise AssertionError("the per-merge check ran although the export was valid")
 
-    monkeypatch.setattr(fe, "_ranks", no_merge_check)
+    monkeypatch.setattr(fe, "mergeable_ranks", no_merge_check)
     encoder = tf.encoder_for(tok, tokenizer_path, threads=1)
     assert encoder.backend == "tiktoken"
     assert [a.tolist() for a in encoder.encode_arrays(TEXTS)] == reference(tokenizer_path, TEXTS)

@@ -14,7 +14,7 @@ from lmforge.config import TokenizerConfig
 from lmforge.data.document import Document
 from lmforge.tokenizer.special_tokens import EOS, EOS_ID
 from lmforge.tokenizer.train import tokenizer_hash, train_tokenizer
-from lmforge.tokens.shard_writer import ShardWriter, pack, write_token_shards
+from lmforge.tokens.shard_writer import ShardWriter, pack, pack_joined, write_token_shards
 from lmforge.tokens.shards import ShardError, TokenDataset, choose_dtype
 
 
@@ -350,6 +350,29 @@ def test_packed_documents_write_the_same_files_as_one_at_a_time(tmp_path_factory
     assert [p.name for p in one] == [p.name for p in packed]
     for a, b in zip(one, packed, strict=True):
         assert a.read_bytes() == b.read_bytes(), a.name
+
+
+@settings(max_examples=60, deadline=None)
+@given(docs=st.lists(st.lists(st.integers(0, 99).filter(lambda t: t != 7), max_size=12), min_size=1, max_size=20))
+def test_pack_joined_equals_pack(docs):
+    """Documents an encoder joined with EOS itself pack to what pack() makes of them one by one."""
+    tokens = np.array([t for doc in docs for t in (*doc, 7)], dtype=np.uint32)
+    n_bytes = [len(doc) * 3 for doc in docs]
+    joined = pack_joined(tokens, [len(doc) + 1 for doc in docs], n_bytes, 7, 100, np.dtype("uint16"))
+    one_by_one = pack(docs, n_bytes, 7, 100, np.dtype("uint16"))
+    assert joined.tokens.dtype == one_by_one.tokens.dtype and np.array_equal(joined.tokens, one_by_one.tokens)
+    assert (joined.lengths, joined.n_bytes) == (one_by_one.lengths, one_by_one.n_bytes)
+    assert np.array_equal(joined.counts, one_by_one.counts)
+
+
+def test_pack_joined_refuses_tokens_that_are_not_the_documents():
+    tokens = np.array([1, 2, 7, 3, 7], dtype=np.uint32)
+    dtype = np.dtype("uint16")
+    for lengths, n_bytes in (([2, 2], [1, 1]), ([3, 3], [1, 1]), ([3, 2], [1]), ([0, 5], [1, 1])):
+        with pytest.raises(ValueError, match="each ending in EOS 7"):
+            pack_joined(tokens, lengths, n_bytes, 7, 100, dtype)
+    with pytest.raises(ValueError, match=r"token id 100 out of range \[0, 100\)"):
+        pack_joined(np.array([100, 7], dtype=np.uint32), [2], [1], 7, 100, dtype)
 
 
 def test_pack_refuses_ids_out_of_range():

@@ -113,12 +113,10 @@ def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     workers = (cfg.tokens.threads or usable_cpus()) if encoder.backend == "tiktoken" else 1
     if progress:
         print(f"tokenize: encoding with {encoder.backend} on {workers} thread(s) ({encoder.reason})")
-    encode = encoder.encode_arrays
-
     inputs = {split: shard_paths(_need(paths.data / split, "data")) for split in ("train", "val")}
     read_text = functools.partial(read_documents, meta=False)  # the stage needs id, text and source
-    out = tokenize_splits(inputs, read_text, encode, paths.tokens, sha256, tok.get_vocab_size(), eos, workers,
-                          dtype=cfg.tokens.dtype, progress=progress)
+    out = tokenize_splits(inputs, read_text, encoder.encode_arrays, paths.tokens, sha256, tok.get_vocab_size(), eos,
+                          workers, dtype=cfg.tokens.dtype, progress=progress, encode_joined=encoder.encode_joined)
     return {**out, "encoder": encoder.backend}
 
 

@@ -311,11 +311,30 @@ def pack(
     return Packed(tokens, [len(x) + 1 for x in ids], list(n_bytes), counts)
 
 
+def pack_joined(
+    tokens: np.ndarray, lengths: Sequence[int], n_bytes: Sequence[int], eos_id: int, vocab_size: int, dtype: np.dtype
+) -> Packed:
+    """As `pack`, for documents an encoder already joined, each followed by EOS (`FastEncoder.encode_joined`)
+    with `lengths` counting it: checked to end every document with EOS, range-checked, counted."""
+    ends = np.cumsum(lengths, dtype=np.int64) - 1
+    if len(lengths) != len(n_bytes) or (ends[-1] + 1 if len(ends) else 0) != tokens.size or \
+            (len(ends) and (min(lengths) < 1 or np.any(tokens[ends] != eos_id))):
+        raise ValueError(f"joined tokens ({tokens.size}) are not {len(n_bytes)} documents each ending in EOS {eos_id}")
+    tokens, counts = _count_and_cast(tokens, vocab_size, dtype)
+    return Packed(tokens, list(lengths), list(n_bytes), counts)
+
+
 def _pack_tokens(
     ids: Sequence[np.ndarray | Sequence[int]], eos_id: int, vocab_size: int, dtype: np.dtype, where: str = ""
 ) -> tuple[np.ndarray, np.ndarray]:
     eos = np.array([eos_id], dtype=np.int64)
     tokens = np.concatenate([x for doc in ids for x in (doc, eos)], dtype=np.int64, casting="unsafe")  # ids < 2^32
+    return _count_and_cast(tokens, vocab_size, dtype, where)
+
+
+def _count_and_cast(
+    tokens: np.ndarray, vocab_size: int, dtype: np.dtype, where: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
     # bincount is the range check too (it refuses negatives; a larger id lengthens it): no separate
     # min/max passes over the tokens.
     try:

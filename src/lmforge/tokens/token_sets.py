@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from lmforge.data.document import Document
 from lmforge.io_utils import atomic_write_json
-from lmforge.tokens.shard_writer import Packed, ShardWriter, doc_batches, pack
+from lmforge.tokens.shard_writer import Packed, ShardWriter, doc_batches, pack, pack_joined
 from lmforge.tokens.shards import ShardError, TokenDataset, choose_dtype, set_manifest_path
 
 
@@ -37,6 +37,8 @@ class TokenizeStopped(RuntimeError):
 SPLIT_FORMAT = "lmforge-token-split"
 SPLIT_VERSION = 1
 Encode = Callable[[list[str]], Sequence[Sequence[int] | np.ndarray]]
+# texts, separator id -> every text's ids followed by the separator, and each one's length with it
+EncodeJoined = Callable[[list[str], int], tuple[np.ndarray, list[int]]]
 
 
 def split_manifest_path(tokens_dir: Path, split: str) -> Path:
@@ -80,12 +82,14 @@ def tokenize_split(
     encoders: Executor | None = None,
     ahead: int = 2,
     stop: threading.Event | None = None,
+    encode_joined: EncodeJoined | None = None,
 ) -> dict[str, Any]:
     """Encode the documents of `inputs` (document shards, read by `read`) into one token set per
     source; resume after the last finished input shard when progress.json matches. Returns the
     split manifest. `encode` runs on the `encoders` threads (None: one of its own), which splits
-    tokenized together may share, with up to `ahead` batches queued. Setting `stop` (another split
-    failed) ends it at its next batch with TokenizeStopped."""
+    tokenized together may share, with up to `ahead` batches queued; `encode_joined`, the same
+    encoder joining a source's texts with EOS itself, is used instead when given. Setting `stop`
+    (another split failed) ends it at its next batch with TokenizeStopped."""
     tokens_dir = Path(tokens_dir)
     out_dir = tokens_dir / split
     split_manifest_path(tokens_dir, split).unlink(missing_ok=True)  # incomplete from here on
@@ -98,7 +102,7 @@ def tokenize_split(
     done = state["done"] if state else 0
     writers: dict[str, ShardWriter] = {}
     packer = functools.partial(_encode_packed, encode, eos_id=eos_id, vocab_size=vocab_size,
-                               dtype=choose_dtype(vocab_size, dtype))
+                               dtype=choose_dtype(vocab_size, dtype), joined=encode_joined)
 
     def writer(source: str) -> ShardWriter:
         if source not in writers:
@@ -144,6 +148,7 @@ def tokenize_splits(
     workers: int,
     dtype: str = "auto",
     progress: bool = True,
+    encode_joined: EncodeJoined | None = None,
 ) -> dict[str, dict[str, Any]]:
     """`tokenize_split` of every split in `inputs`, side by side on one pool of `workers` encoder
     threads: the cores never idle while one split reads its first batch or finishes its sets (val,
@@ -156,7 +161,7 @@ def tokenize_splits(
         try:
             return tokenize_split(inputs[split], read, encode, tokens_dir, split, tokenizer_sha256, vocab_size,
                                   eos_id, dtype=dtype, progress=progress, encoders=encoders, ahead=2 * workers,
-                                  stop=stop)
+                                  stop=stop, encode_joined=encode_joined)
         except BaseException:
             stop.set()
             raise
@@ -176,17 +181,22 @@ def tokenize_splits(
 
 
 def _encode_packed(
-    encode: Encode, batch: list[Document], eos_id: int, vocab_size: int, dtype: np.dtype
+    encode: Encode, batch: list[Document], eos_id: int, vocab_size: int, dtype: np.dtype,
+    joined: EncodeJoined | None = None,
 ) -> dict[str, Packed]:
     """A batch's documents encoded and packed per source, in order: on an encoder thread, so the
-    concatenating, counting and casting of a flush overlap the encoding instead of adding to it."""
-    ids = encode([d.text for d in batch])
-    groups: dict[str, tuple[list, list[int]]] = {}
-    for doc, doc_ids in zip(batch, ids, strict=True):
-        group = groups.setdefault(doc.source, ([], []))
-        group[0].append(doc_ids)
-        group[1].append(doc.n_bytes)
-    return {source: pack(i, n, eos_id, vocab_size, dtype) for source, (i, n) in groups.items()}
+    concatenating, counting and casting of a flush overlap the encoding instead of adding to it.
+    `joined`: the same encoder, one call per source for all its texts, EOS after each."""
+    groups: dict[str, list[Document]] = {}
+    for doc in batch:
+        groups.setdefault(doc.source, []).append(doc)
+    if joined is not None:
+        return {source: pack_joined(*joined([d.text for d in docs], eos_id), [d.n_bytes for d in docs], eos_id,
+                                    vocab_size, dtype) for source, docs in groups.items()}
+    ids = iter(encode([d.text for d in batch]))
+    by_doc = {id(doc): next(ids) for doc in batch}  # each document's ids, whatever its source
+    return {source: pack([by_doc[id(d)] for d in docs], [d.n_bytes for d in docs], eos_id, vocab_size, dtype)
+            for source, docs in groups.items()}
 
 
 def _encoded(
