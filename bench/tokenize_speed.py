@@ -14,8 +14,10 @@ text; "joined", the same batches, each in one call with EOS between texts (`enco
 stage calls it); and "batch", the encoder's own parallel call on 1,024-document batches; the ratio
 is against the fastest. Everything runs in this process with --threads encoder threads. Each stage
 run starts fresh: the previous round's token sets are deleted before the clock starts. Rounds are
-interleaved so a shared machine's noise hits every side; the best round of each is kept. --profile
-adds a cProfile of one stage run (its main thread).
+interleaved so a shared machine's noise hits every side; the best round of each is kept, and the
+median of the per-round ratios (each round's stage against that round's fastest bare arrangement) is
+printed too: it is less moved by one lucky round of one side. --profile adds a cProfile of one stage
+run (its main thread).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import platform
 import pstats
 import random
 import shutil
+import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -119,12 +122,17 @@ def main() -> None:
                  "bare encoder, joined": bare_joined, "bare encoder, batch": bare_batch}
         best = dict.fromkeys(sides, 0.0)
         tokens = {}
+        paired = []  # per round: the stage against the fastest bare arrangement of that same round
         for _ in range(args.rounds):
+            this_round = {}
             for name, fn in sides.items():
                 shutil.rmtree(paths.tokens, ignore_errors=True)  # a fresh run; deleting the last is not tokenizing
                 t0 = time.perf_counter()
                 tokens[name] = fn()
-                best[name] = max(best[name], n_bytes / 1e6 / (time.perf_counter() - t0))
+                this_round[name] = n_bytes / 1e6 / (time.perf_counter() - t0)
+                best[name] = max(best[name], this_round[name])
+            stage_mb_s = this_round.pop("lmforge tokenize (stage)")
+            paired.append(stage_mb_s / max(this_round.values()))
         report = ""
         if args.profile:
             prof = cProfile.Profile()
@@ -147,6 +155,8 @@ def main() -> None:
         print(f"{name:26s} {mb_s:7.2f} MB/s")
     bare = max(v for name, v in best.items() if name.startswith("bare"))
     print(f"ratio stage/best bare:     {best['lmforge tokenize (stage)'] / bare:.3f} (target >= 0.9)")
+    print(f"per-round ratios, median:  {statistics.median(paired):.3f} (each round's stage against its fastest bare; "
+          f"range {min(paired):.3f}-{max(paired):.3f})")
     if report:
         print(f"\n--- cProfile of one stage run, top by own time ---\n{report}")
 
