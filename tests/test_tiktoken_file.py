@@ -99,3 +99,68 @@ def test_a_tokenizer_tiktoken_cannot_reproduce_records_why(tokenizer_path, monke
     assert [np.asarray(a).tolist() for a in encoder.encode_arrays(TEXTS)] == reference(tokenizer_path, TEXTS)
     monkeypatch.setattr(tiktoken, "__version__", "0.0.1")  # another tiktoken may well manage: ask it again
     assert tf.load_export(tokenizer_path) is None
+
+
+def test_tokenize_starts_from_the_export_alone_with_the_full_start_s_results(tokenizer_path, corpus, monkeypatch):
+    """stage_encoder builds the tokenize stage's encoder, vocabulary size and roles from the export,
+    loading no tokenizer, with exactly what loading and checking everything gives."""
+    tf.export_tiktoken(tokenizer_path)
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    full = tf.encoder_for(tok, tokenizer_path, threads=1)
+    want_special = tf.load_special_tokens(tokenizer_path, tok)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the tokenizer was loaded although the export vouches for it")
+
+    monkeypatch.setattr(tf, "load_tokenizer", no_load)
+    encoder, vocab_size, special = tf.stage_encoder(tokenizer_path, threads=1)
+    assert "as its export recorded" in encoder.reason
+    assert (vocab_size, special) == (tok.get_vocab_size(), want_special)
+    assert encoder.encode_batch(corpus) == full.encode_batch(corpus) == reference(tokenizer_path, corpus)
+    assert encoder.encode_joined(TEXTS, special.eos)[0].tolist() == full.encode_joined(TEXTS, special.eos)[0].tolist()
+
+
+def edit_meta(path, **changes):
+    meta_path = path.parent / tf.META_NAME
+    meta = json.loads(meta_path.read_text())
+    meta.update(changes)
+    meta_path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("change", ["roles", "tokenizers", "tiktoken", "probe", "ids_by_rank", "no_roles", "old"])
+def test_tokenize_loads_the_tokenizer_unless_the_export_vouches_for_everything(tokenizer_path, change, monkeypatch):
+    """Another roles file, another tokenizers or tiktoken, probe ids tiktoken no longer gives, ids
+    that are not the ranks, or an export from before these records: the full start, checked."""
+    tf.export_tiktoken(tokenizer_path)
+    roles = tokenizer_path.parent / "special_tokens.json"
+    if change == "roles":
+        roles.write_text(json.dumps(json.loads(roles.read_text()), indent=4))  # the same roles, another file
+    elif change == "tokenizers":
+        edit_meta(tokenizer_path, tokenizers_version="0.0.1")
+    elif change == "tiktoken":
+        monkeypatch.setattr(tiktoken, "__version__", "0.0.1")
+    elif change == "probe":
+        meta = json.loads((tokenizer_path.parent / tf.META_NAME).read_text())
+        edit_meta(tokenizer_path, probe_ids=[ids[::-1] for ids in meta["probe_ids"]])
+    elif change == "ids_by_rank":
+        edit_meta(tokenizer_path, ids_by_rank=list(range(700)))
+    elif change == "no_roles":
+        edit_meta(tokenizer_path, special_tokens_xxh64=None)
+    else:
+        edit_meta(tokenizer_path, probe_ids=None, vocab_size=None, tokenizers_version=None)
+    loads = []
+    real = tf.load_tokenizer
+    monkeypatch.setattr(tf, "load_tokenizer", lambda path: loads.append(path) or real(path))
+    encoder, vocab_size, special = tf.stage_encoder(tokenizer_path, threads=1)
+    assert loads and "as its export recorded" not in encoder.reason
+    assert vocab_size == 700 and encoder.encode_batch(TEXTS) == reference(tokenizer_path, TEXTS)
+
+
+def test_a_roles_file_that_disagrees_with_the_tokenizer_is_refused_by_name(tokenizer_path):
+    tf.export_tiktoken(tokenizer_path)
+    roles = tokenizer_path.parent / "special_tokens.json"
+    record = json.loads(roles.read_text())
+    record["eos"] = record["eos"] + 1 if isinstance(record.get("eos"), int) else record["eos"]
+    roles.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="special_tokens.json"):
+        tf.stage_encoder(tokenizer_path, threads=1)

@@ -95,27 +95,24 @@ def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     manifest (tokens, documents, bytes and bytes/token per source)."""
     from lmforge.data.doc_shards import read_documents, shard_paths
     from lmforge.tokenizer.fast_encode import usable_cpus
-    from lmforge.tokenizer.special_tokens import load_special_tokens
-    from lmforge.tokenizer.tiktoken_file import encoder_for
-    from lmforge.tokenizer.train import load_tokenizer, tokenizer_hash
+    from lmforge.tokenizer.tiktoken_file import stage_encoder
+    from lmforge.tokenizer.train import tokenizer_hash
     from lmforge.tokens.token_sets import tokenize_splits
 
     paths = RunPaths(cfg.out)
-    tok = load_tokenizer(_need(paths.tokenizer, "tokenizer"))
-    tok.encode_special_tokens = True  # this stage's own copy, in the mode it encodes in (see below)
-    eos = load_special_tokens(paths.tokenizer, tok).eos
     # tiktoken when it reproduces this tokenizer exactly, else `tokenizers`; either way a document
     # quoting "<|endoftext|>" encodes it as text, never as a real EOS that would split it in two.
     # One thread per encode call and the stage's own worker threads: tiktoken releases the GIL, so
     # workers overlap; `tokenizers` parallelises inside its own call, so it gets one.
-    sha256 = tokenizer_hash(paths.tokenizer)  # the export is checked against it, token sets record it
-    encoder = encoder_for(tok, paths.tokenizer, threads=1, sha256=sha256)
+    sha256 = tokenizer_hash(_need(paths.tokenizer, "tokenizer"))  # the export is checked against it, sets record it
+    encoder, vocab_size, special = stage_encoder(paths.tokenizer, threads=1, sha256=sha256)
+    eos = special.eos
     workers = (cfg.tokens.threads or usable_cpus()) if encoder.backend == "tiktoken" else 1
     if progress:
         print(f"tokenize: encoding with {encoder.backend} on {workers} thread(s) ({encoder.reason})")
     inputs = {split: shard_paths(_need(paths.data / split, "data")) for split in ("train", "val")}
     read_text = functools.partial(read_documents, meta=False)  # the stage needs id, text and source
-    out = tokenize_splits(inputs, read_text, encoder.encode_arrays, paths.tokens, sha256, tok.get_vocab_size(), eos,
+    out = tokenize_splits(inputs, read_text, encoder.encode_arrays, paths.tokens, sha256, vocab_size, eos,
                           workers, dtype=cfg.tokens.dtype, progress=progress, encode_joined=encoder.encode_joined)
     return {**out, "encoder": encoder.backend}
 

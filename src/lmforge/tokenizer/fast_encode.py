@@ -112,6 +112,24 @@ def build_tiktoken_path(
     return path
 
 
+def exported_path(pattern: str, ranks: dict[bytes, int], specials: dict[str, int]) -> TiktokenPath:
+    """The specials-as-text path of an export whose ranks are our ids, built from what the export
+    recorded (no spec to read, no check repeated): the caller checks it against recorded probe ids."""
+    if tiktoken is None:
+        raise FastPathUnavailable("tiktoken is not installed")
+    try:
+        encoding = tiktoken.Encoding("lmforge", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    except ValueError as e:
+        raise FastPathUnavailable(f"tiktoken's regex engine cannot compile the pre-tokenizer regex: {e}") from e
+    return TiktokenPath(encoding, None, frozenset(), pattern, (ranks, None), dict(specials))
+
+
+def probe_reference(tokenizer: Tokenizer) -> list[list[int]]:
+    """`tokenizers`' ids of PROBE_TEXTS, special tokens read as text: what the fast path must give."""
+    same_mode = tokenizer.encode_special_tokens
+    return _hf_encode(tokenizer if same_mode else _hf_copy(tokenizer, True), list(PROBE_TEXTS))
+
+
 # ---------------------------------------------------------------- configuration checks
 
 
@@ -285,10 +303,7 @@ class FastEncoder:
     ) -> None:
         """`exported`: what the tiktoken export beside the tokenizer holds (`tiktoken_file.load_export`):
         its checked ranks, or the reason the fast path was found impossible for this tokenizer."""
-        self.threads = threads or usable_cpus()
-        self._path: TiktokenPath | None = None
-        self._hf: Tokenizer | None = None
-        self._separators: dict[int, str | None] = {}
+        self._start(threads, None)
         try:
             if not use_tiktoken:
                 raise FastPathUnavailable("tiktoken was not requested")
@@ -299,6 +314,21 @@ class FastEncoder:
         except FastPathUnavailable as e:
             self._hf = _hf_copy(tokenizer, specials_as_text)
             self.backend, self.reason = "tokenizers", f"fast path unavailable: {e}"
+
+    @classmethod
+    def from_checked_path(cls, path: TiktokenPath, threads: int | None = None) -> FastEncoder:
+        """The tiktoken encoder of `path`, already checked against its tokenizer by the caller (the
+        export's recorded probe ids): no `tokenizers` object is loaded, so it has no fallback."""
+        encoder = cls.__new__(cls)
+        encoder._start(threads, path)
+        encoder.backend, encoder.reason = "tiktoken", "reproduces this tokenizer exactly (as its export recorded)"
+        return encoder
+
+    def _start(self, threads: int | None, path: TiktokenPath | None) -> None:
+        self.threads = threads or usable_cpus()
+        self._path = path
+        self._hf: Tokenizer | None = None
+        self._separators: dict[int, str | None] = {}
 
     @property
     def name(self) -> str:
