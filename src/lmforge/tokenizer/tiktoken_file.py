@@ -6,7 +6,9 @@ regex, the rank -> id table when ranks are not our ids, and the sha256 of the to
 were checked against; or, when tiktoken cannot reproduce the tokenizer, the reason. The tokenizer
 stage and `lmforge extend-vocab` write it; `lmforge tokenize` then builds its encoder without
 repeating the per-merge check, which grows with the vocabulary (~30 ms at 4k tokens, seconds at
-128k). Plain tiktoken can use it too:
+128k). The record also holds what `tokenizers` gave on the probe texts, its version, the vocabulary
+size and the checksum of the roles file it was checked with: while all still hold, tokenize does not
+load the tokenizer at all (`stage_encoder`). Plain tiktoken can use it too:
 
     meta = json.load(open("tokenizer/tiktoken.json"))
     enc = tiktoken.Encoding("mine", pat_str=meta["pat_str"],
