@@ -321,7 +321,7 @@ class FastEncoder:
         export's recorded probe ids): no `tokenizers` object is loaded, so it has no fallback."""
         encoder = cls.__new__(cls)
         encoder._start(threads, path)
-        encoder.backend, encoder.reason = "tiktoken", "reproduces this tokenizer exactly (as its export recorded)"
+        encoder.backend, encoder.reason = "tiktoken", "reproduces this tokenizer exactly, as its export recorded"
         return encoder
 
     def _start(self, threads: int | None, path: TiktokenPath | None) -> None:
