@@ -100,10 +100,7 @@ def build_tiktoken_path(
     added = _added_tokens(spec["added_tokens"], specials_as_text)
     ranks, rank_to_id = checked_ranks or mergeable_ranks(spec["model"], {t["id"] for t in spec["added_tokens"]})
     specials, to_ours = _specials_and_table(added, ranks, rank_to_id)
-    try:
-        encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
-    except ValueError as e:  # fancy-regex could not compile the pattern
-        raise FastPathUnavailable(f"tiktoken's regex engine cannot compile the pre-tokenizer regex: {e}") from e
+    encoding = _encoding(name, pattern, ranks, specials)
     if split_regex is not None:
         check_no_empty_match(split_regex, PROBE_TEXTS)
     special = frozenset() if specials_as_text else frozenset(added)
@@ -115,19 +112,24 @@ def build_tiktoken_path(
 def exported_path(pattern: str, ranks: dict[bytes, int], specials: dict[str, int]) -> TiktokenPath:
     """The specials-as-text path of an export whose ranks are our ids, built from what the export
     recorded (no spec to read, no check repeated): the caller checks it against recorded probe ids."""
-    if tiktoken is None:
-        raise FastPathUnavailable("tiktoken is not installed")
-    try:
-        encoding = tiktoken.Encoding("lmforge", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
-    except ValueError as e:
-        raise FastPathUnavailable(f"tiktoken's regex engine cannot compile the pre-tokenizer regex: {e}") from e
+    encoding = _encoding("lmforge", pattern, ranks, specials)
     return TiktokenPath(encoding, None, frozenset(), pattern, (ranks, None), dict(specials))
 
 
-def probe_reference(tokenizer: Tokenizer) -> list[list[int]]:
-    """`tokenizers`' ids of PROBE_TEXTS, special tokens read as text: what the fast path must give."""
-    same_mode = tokenizer.encode_special_tokens
-    return _hf_encode(tokenizer if same_mode else _hf_copy(tokenizer, True), list(PROBE_TEXTS))
+def _encoding(name: str, pattern: str, ranks: dict[bytes, int], specials: dict[str, int]) -> Any:
+    if tiktoken is None:
+        raise FastPathUnavailable("tiktoken is not installed")
+    try:
+        return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    except ValueError as e:  # fancy-regex could not compile the pattern
+        raise FastPathUnavailable(f"tiktoken's regex engine cannot compile the pre-tokenizer regex: {e}") from e
+
+
+def probe_reference(tokenizer: Tokenizer, specials_as_text: bool = True) -> list[list[int]]:
+    """`tokenizers`' ids of PROBE_TEXTS, special tokens read as text or not: what the fast path must give."""
+    # The caller's tokenizer when it already reads special tokens this way: a copy costs ~5 ms.
+    same_mode = tokenizer.encode_special_tokens == specials_as_text
+    return _hf_encode(tokenizer if same_mode else _hf_copy(tokenizer, specials_as_text), list(PROBE_TEXTS))
 
 
 # ---------------------------------------------------------------- configuration checks
@@ -183,9 +185,7 @@ def _specials_and_table(
 
 
 def _self_check(path: TiktokenPath, tokenizer: Tokenizer, specials_as_text: bool) -> None:
-    # The caller's tokenizer when it already reads special tokens this way: a copy costs ~5 ms.
-    same_mode = tokenizer.encode_special_tokens == specials_as_text
-    reference = _hf_encode(tokenizer if same_mode else _hf_copy(tokenizer, specials_as_text), list(PROBE_TEXTS))
+    reference = probe_reference(tokenizer, specials_as_text)
     try:
         ours = _tiktoken_encode(path, list(PROBE_TEXTS), threads=1)
     except (KeyboardInterrupt, SystemExit):
