@@ -178,14 +178,19 @@ def test_specials_in_text(encoders, lmforge_tok):
     assert lmforge_tok.encode_special_tokens is False
 
 
-def test_ids_not_in_merge_order_use_the_lookup(lmforge_tok, corpus):
-    """A vocabulary whose ids do not follow merge order still encodes right, through the table."""
-    spec = json.loads(lmforge_tok.to_str())
+def merge_order_reversed(tok: Tokenizer) -> Tokenizer:
+    """`tok` with its merged tokens' ids reversed, so ids no longer follow merge order."""
+    spec = json.loads(tok.to_str())
     merged = {"".join(m) if isinstance(m, list) else m.replace(" ", "") for m in spec["model"]["merges"]}
     ids = sorted(spec["model"]["vocab"][t] for t in merged)
     for token, new_id in zip(sorted(merged, key=spec["model"]["vocab"].get), reversed(ids), strict=True):
         spec["model"]["vocab"][token] = new_id
-    shuffled = Tokenizer.from_str(json.dumps(spec))
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def test_ids_not_in_merge_order_use_the_lookup(lmforge_tok, corpus):
+    """A vocabulary whose ids do not follow merge order still encodes right, through the table."""
+    shuffled = merge_order_reversed(lmforge_tok)
     encoder = fe.FastEncoder(shuffled, threads=2)
     assert encoder.backend == "tiktoken" and fe.build_tiktoken_path(shuffled).to_ours is not None
     batch = corpus[:40] + list(fe.PROBE_TEXTS)
@@ -235,12 +240,7 @@ def test_joined_takes_one_call_unless_a_text_holds_the_separator(lmforge_tok, co
 
 def test_joined_through_the_lookup_table(lmforge_tok, corpus):
     """Ids not in merge order: the one call's values go through the same rank -> id table."""
-    spec = json.loads(lmforge_tok.to_str())
-    merged = {"".join(m) if isinstance(m, list) else m.replace(" ", "") for m in spec["model"]["merges"]}
-    ids = sorted(spec["model"]["vocab"][t] for t in merged)
-    for token, new_id in zip(sorted(merged, key=spec["model"]["vocab"].get), reversed(ids), strict=True):
-        spec["model"]["vocab"][token] = new_id
-    encoder = fe.FastEncoder(Tokenizer.from_str(json.dumps(spec)), threads=1)
+    encoder = fe.FastEncoder(merge_order_reversed(lmforge_tok), threads=1)
     eos = lmforge_tok.token_to_id("<|endoftext|>")
     batch = corpus[:20] + list(fe.PROBE_TEXTS)
     tokens, lengths = encoder.encode_joined(batch, eos)
