@@ -4,16 +4,19 @@ compile train like fp32 eager."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_train import make_trainer, tiny_cfg
 
 from lmforge.models import build_model
 from lmforge.recipe import load_config
 from lmforge.train.memory import checkpoint_activations
-from lmforge.train.parallel import Dist, parallelize
+from lmforge.train.parallel import Dist, clip_grad_norm, parallelize
 
 
 def model_for(arch: str):
@@ -98,3 +101,22 @@ def test_compiled_blocks_train_like_eager(tmp_path: Path) -> None:
     a = [eager.train_step()["loss"] for _ in range(4)]
     b = [compiled.train_step()["loss"] for _ in range(4)]
     assert b == pytest.approx(a, rel=1e-4)
+
+
+@given(shapes=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=1, max_size=6),
+       max_norm=st.sampled_from([0.0, 0.01, 1.0, 1e6]), seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_clip_grad_norm_matches_torch(shapes: list[tuple[int, int]], max_norm: float, seed: int) -> None:
+    """The trainer's norm (one fp64 multi-tensor launch per device, read once) and its clipping give
+    torch's clip_grad_norm_ result; 0 means no clipping (the trainer passes inf for it)."""
+    gen = torch.Generator().manual_seed(seed)
+    ours = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    ref = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for a, b in zip(ours, ref, strict=True):
+        a.grad = torch.randn(a.shape, generator=gen) * 3
+        b.grad = a.grad.clone()
+    norm = clip_grad_norm(ours, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(ref, max_norm if max_norm > 0 else math.inf)
+    assert norm == pytest.approx(float(expected), rel=1e-6)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
