@@ -328,7 +328,7 @@ class TrainConfig:
     init_from: str = ""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     activation_checkpointing: Literal["none", "full", "selective"] = "none"  # recompute in backward to save memory
-    compile: bool = False  # torch.compile each block
+    compile: bool = False  # torch.compile each block and the token loss
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     fault_injection: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
 
