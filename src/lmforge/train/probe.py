@@ -60,6 +60,17 @@ def default_special_tokens(vocab: int) -> Any:
     return SpecialTokens(**dict(zip(roles, range(len(roles)), strict=True)), sentinels=sentinels)
 
 
+def probe_tokenizer(vocab: int) -> Any:
+    """A stand-in vocabulary for objectives that read token strings (NSP's sentence ends, word starts):
+    SentencePiece-style words, every 16th ending a sentence, so random rows hold words and sentences
+    as text does. The probe only times the step; no text is encoded with it."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    words = {f"\u2581w{i}." if i % 16 == 0 else f"\u2581w{i}": i for i in range(vocab)}
+    return Tokenizer(WordLevel(words, unk_token="\u2581w1"))
+
+
 def probe_config(cfg: RunConfig, full: bool, device: torch.device) -> RunConfig:
     """One micro-batch per step, no ramp; not full: one layer and, on CPU, one short row."""
     pcfg = copy.deepcopy(cfg)
@@ -95,7 +106,8 @@ def run_probe(cfg: RunConfig, vocab: int, steps: int, full: bool, device: torch.
     model = memory.checkpoint_activations(model, pcfg.train.activation_checkpointing)
     if pcfg.train.compile:
         memory.compile_blocks(model)
-    objective = build_objective(pcfg.objective, ObjectiveContext(default_special_tokens(vocab), vocab, cfg.seed))
+    context = ObjectiveContext(default_special_tokens(vocab), vocab, cfg.seed, probe_tokenizer(vocab))
+    objective = build_objective(pcfg.objective, context)
     loader = RandomTokens(objective.window(pcfg.train.seq_len), pcfg.train.batch_size, vocab, cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
