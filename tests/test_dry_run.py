@@ -37,6 +37,8 @@ def params_printed(text: str) -> int:
 @pytest.mark.parametrize(("recipe", "params", "probe"), [
     ("gpt3-125m", 125e6, "1"),  # the CPU probe: one layer of the real widths, scaled by FLOPs
     ("llama-1b", 1.1e9, "0"),  # no probe here: its one layer runs ~4 s a step on one core
+    ("bert-base", 110e6, "0"),
+    ("t5-base", 248e6, "0"),
 ])
 def test_reference_recipe_dry_runs_on_cpu(recipe: str, params: float, probe: str, tmp_path: Path, capsys):
     out = tmp_path / recipe
@@ -60,6 +62,29 @@ def test_gpt3_recipe_is_the_published_setting(capsys, tmp_path: Path):
     plan = plan_batches(cfg)
     assert abs(plan.total_tokens / 300e9 - 1) < 0.001
     assert plan.ramp[0] * tc.batch_size * tc.seq_len == 32768 and len(plan.ramp) > 0
+
+
+@pytest.mark.parametrize(("recipe", "rows", "steps", "warmup", "tokens"), [
+    ("bert-base", 256, 1_000_000, 5000, None),  # BERT's batch of 256 x 512 and its 1M steps
+    ("t5-base", 128, None, 2000, 2**35),  # T5's batch of 128 x 512 inputs and its 2^35 tokens
+])
+def test_bert_and_t5_recipes_are_the_published_sizes_with_the_seeds_settings(
+        recipe: str, rows: int, steps: int | None, warmup: int, tokens: int | None, tmp_path: Path):
+    cfg = load_config(RECIPES / f"{recipe}.yaml", [f"out_dir={tmp_path}"])
+    tc, plan = cfg.train, plan_batches(cfg)
+    assert tc.grad_accum * tc.batch_size == rows and tc.seq_len == 512
+    assert tc.schedule.warmup_steps == warmup and 0.001 <= warmup / tc.max_steps <= 0.005
+    assert (tc.optimizer.name, tc.optimizer.beta2, tc.optimizer.weight_decay, tc.grad_clip) == ("adamw", 0.95, 0.1, 1.0)
+    assert tc.schedule.min_lr_ratio == 0.1 and plan.ramp[0] * tc.batch_size * tc.seq_len == 16384
+    assert tc.max_steps == steps if steps else plan.total_tokens == tokens
+
+
+def test_the_probe_times_an_objective_that_reads_token_strings(capsys, tmp_path: Path):
+    """MLM with next-sentence prediction finds sentence ends in token strings: the probe gives it a
+    stand-in vocabulary (no tokenizer is trained before a dry run), so BERT gets a time estimate."""
+    text = dry_run_cli(capsys, "train", "--config", str(RECIPES / "bert.yaml"), f"out_dir={tmp_path}",
+                       "--probe-steps", "1", "train.device=cpu")
+    assert re.search(r"^time\s+[\d.,]+ \w+ per full step", text, re.M), text
 
 
 def test_run_dry_run_probes_the_real_model(capsys, tmp_path: Path):
