@@ -177,8 +177,9 @@ def _start_from_export(tokenizer_path: Path, sha256: str, threads: int | None) -
     if meta is None or not meta.get("available") or meta.get("ids_by_rank") is not None or \
             (meta.get("tiktoken_version"), meta.get("tokenizers_version")) != versions:
         return None
+    roles_path = special_tokens_path(tokenizer_path)
     try:
-        roles = special_tokens_path(tokenizer_path).read_bytes()
+        roles = roles_path.read_bytes()
     except OSError:
         return None
     ranks = _ranks(tokenizer_path, meta)
@@ -189,4 +190,7 @@ def _start_from_export(tokenizer_path: Path, sha256: str, threads: int | None) -
         same = encoder.encode_batch(list(PROBE_TEXTS)) == meta.get("probe_ids")
     except (FastPathUnavailable, KeyError, TypeError):
         return None
-    return (encoder, int(meta["vocab_size"]), load_special_tokens(tokenizer_path)) if same else None
+    if not same:
+        return None
+    # The roles from the bytes just checksummed (what load_special_tokens parses from this file).
+    return encoder, int(meta["vocab_size"]), SpecialTokens.from_json(json.loads(roles), str(roles_path))
