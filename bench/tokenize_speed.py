@@ -11,13 +11,15 @@ bare encoder the stage uses (`FastEncoder`: tiktoken when it reproduces the toke
 `encode_batch`; special tokens read as text, as the stage does) on the same texts, held in memory,
 in three arrangements: "pool", the stage's batches (`doc_batches`) on --threads threads, a call per
 text; "joined", the same batches, each in one call with EOS between texts (`encode_joined`, how the
-stage calls it); and "batch", the encoder's own parallel call on 1,024-document batches; the ratio
-is against the fastest. Everything runs in this process with --threads encoder threads. Each stage
-run starts fresh: the previous round's token sets are deleted before the clock starts. Rounds are
-interleaved so a shared machine's noise hits every side; the best round of each is kept, and the
-median of the per-round ratios (each round's stage against that round's fastest bare arrangement) is
-printed too: it is less moved by one lucky round of one side. --profile adds a cProfile of one stage
-run (its main thread).
+stage calls it); and "batch", the encoder's own parallel call on 1,024-document batches. The peer
+is the arrangement with the highest median over the rounds, chosen once: taking the fastest of three
+in every round would hand the peer the luckiest of three noisy timings each time (about +3% on a
+shared machine when the arrangements are equally fast). Everything runs in this process with
+--threads encoder threads. Each stage run starts fresh: the previous round's token sets are deleted
+before the clock starts. Rounds are interleaved so a shared machine's noise hits every side. Printed:
+the ratio of the best rounds, the ratio of the medians, and the median of the per-round ratios (each
+round's stage against the same round's peer). --profile adds a cProfile of one stage run (its main
+thread).
 """
 
 from __future__ import annotations
@@ -120,19 +122,14 @@ def main() -> None:
 
         sides = {"lmforge tokenize (stage)": ours, "bare encoder, pool": bare_pool,
                  "bare encoder, joined": bare_joined, "bare encoder, batch": bare_batch}
-        best = dict.fromkeys(sides, 0.0)
+        timings: dict[str, list[float]] = {name: [] for name in sides}  # MB/s per round
         tokens = {}
-        paired = []  # per round: the stage against the fastest bare arrangement of that same round
         for _ in range(args.rounds):
-            this_round = {}
             for name, fn in sides.items():
                 shutil.rmtree(paths.tokens, ignore_errors=True)  # a fresh run; deleting the last is not tokenizing
                 t0 = time.perf_counter()
                 tokens[name] = fn()
-                this_round[name] = n_bytes / 1e6 / (time.perf_counter() - t0)
-                best[name] = max(best[name], this_round[name])
-            stage_mb_s = this_round.pop("lmforge tokenize (stage)")
-            paired.append(stage_mb_s / max(this_round.values()))
+                timings[name].append(n_bytes / 1e6 / (time.perf_counter() - t0))
         report = ""
         if args.profile:
             prof = cProfile.Profile()
@@ -151,12 +148,15 @@ def main() -> None:
           f"{tokens['bare encoder, pool']:,} tokens with a {args.vocab} BPE; encoder {encoder.backend}, "
           f"{args.threads} threads, "
           f"best of {args.rounds} interleaved rounds")
-    for name, mb_s in best.items():
-        print(f"{name:26s} {mb_s:7.2f} MB/s")
-    bare = max(v for name, v in best.items() if name.startswith("bare"))
-    print(f"ratio stage/best bare:     {best['lmforge tokenize (stage)'] / bare:.3f} (target >= 0.9)")
-    print(f"per-round ratios, median:  {statistics.median(paired):.3f} (each round's stage against its fastest bare; "
-          f"range {min(paired):.3f}-{max(paired):.3f})")
+    stage = timings.pop("lmforge tokenize (stage)")
+    peer = max(timings, key=lambda name: statistics.median(timings[name]))
+    for name, runs in {"lmforge tokenize (stage)": stage, **timings}.items():
+        print(f"{name:26s} best {max(runs):7.2f} MB/s, median {statistics.median(runs):7.2f} MB/s"
+              + ("   <- the peer" if name == peer else ""))
+    paired = [ours / theirs for ours, theirs in zip(stage, timings[peer], strict=True)]
+    print(f"ratio of best rounds:      {max(stage) / max(timings[peer]):.3f} (target >= 0.9)")
+    print(f"ratio of medians:          {statistics.median(stage) / statistics.median(timings[peer]):.3f}")
+    print(f"per-round ratios, median:  {statistics.median(paired):.3f} (range {min(paired):.3f}-{max(paired):.3f})")
     if report:
         print(f"\n--- cProfile of one stage run, top by own time ---\n{report}")
 
