@@ -46,6 +46,10 @@ def test_export_holds_the_checked_ranks_and_skips_the_merge_check(tokenizer_path
     tok = Tokenizer.from_file(str(tokenizer_path))
     exported = tf.load_export(tokenizer_path)
     assert exported == fe.build_tiktoken_path(tok).ranks  # the same ranks a fresh build derives
+    values = sorted(exported[0].values())
+    assert json.loads((tokenizer_path.parent / tf.META_NAME).read_text())["rank_range"] == [values[0], values[-1] + 1]
+    edit_meta(tokenizer_path, rank_range=None)  # an export without the range: the ranks are parsed per line
+    assert tf.load_export(tokenizer_path) == exported
 
     def no_merge_check(*args, **kwargs):
         raise AssertionError("the per-merge check ran although the export was valid")
@@ -118,6 +122,12 @@ def test_tokenize_starts_from_the_export_alone_with_the_full_start_s_results(tok
     assert (vocab_size, special) == (tok.get_vocab_size(), want_special)
     assert encoder.encode_batch(corpus) == full.encode_batch(corpus) == reference(tokenizer_path, corpus)
     assert encoder.encode_joined(TEXTS, special.eos)[0].tolist() == full.encode_joined(TEXTS, special.eos)[0].tolist()
+    # Only EOS is a tiktoken special there: the other specials' texts, even at the joins, stay text.
+    others = [t for t in json.loads(tok.to_str())["added_tokens"] if t["id"] != special.eos]
+    quoting = [f"a{others[0]['content']}", f"{others[-1]['content']}b{others[1]['content']}", "c"]
+    ids, lengths = encoder.encode_joined(quoting, special.eos)
+    assert ids.tolist() == [i for ref in reference(tokenizer_path, quoting) for i in (*ref, special.eos)]
+    assert lengths == [len(ref) + 1 for ref in reference(tokenizer_path, quoting)]
 
 
 def edit_meta(path, **changes):

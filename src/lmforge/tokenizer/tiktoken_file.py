@@ -2,8 +2,9 @@
 
 `tokenizer.tiktoken` holds the mergeable ranks in tiktoken's file format (one `base64(token bytes)
 rank` line per token, what `tiktoken.load.load_tiktoken_bpe` reads) and `tiktoken.json` the split
-regex, the rank -> id table when ranks are not our ids, and the sha256 of the tokenizer.json they
-were checked against; or, when tiktoken cannot reproduce the tokenizer, the reason. The tokenizer
+regex, the rank -> id table when ranks are not our ids, the ranks' range when they are contiguous,
+and the sha256 of the tokenizer.json they were checked against; or, when tiktoken cannot reproduce
+the tokenizer, the reason. The tokenizer
 stage and `lmforge extend-vocab` write it; `lmforge tokenize` then builds its encoder without
 repeating the per-merge check, which grows with the vocabulary (~30 ms at 4k tokens, seconds at
 128k). The record also holds what `tokenizers` gave on the probe texts, its version, the vocabulary
@@ -68,8 +69,11 @@ def export_tiktoken(tokenizer_path: Path) -> str:
     data = b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in sorted(ranks.items(), key=_by_rank))
     atomic_write_bytes(ranks_path, data)
     ids_by_rank = None if rank_to_id is None else [rank_to_id[r] for r in range(len(rank_to_id))]
+    values = sorted(ranks.values())
+    contiguous = values == list(range(values[0], values[0] + len(values))) if values else False
     atomic_write_json(meta_path, {**meta, "available": True, "pat_str": path.pattern, "special_tokens": path.specials,
                                   "ids_by_rank": ids_by_rank, "ranks_xxh64": xxhash.xxh64(data).hexdigest(),
+                                  "rank_range": [values[0], values[-1] + 1] if contiguous else None,
                                   **_start_record(tokenizer, tokenizer_path)})
     return f"tiktoken export: {ranks_path} ({len(ranks):,} ranks)"
 
@@ -132,7 +136,13 @@ def _ranks(tokenizer_path: Path, meta: dict[str, Any]) -> dict[bytes, int] | Non
     # The file is the one export_tiktoken wrote (its checksum matched): "token rank" per line, so a
     # whitespace split pairs them; binascii and map keep it in C (base64.b64decode's checks cost 4x).
     fields = data.split()
-    return dict(zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2]), strict=True))
+    first, end = meta.get("rank_range") or (None, None)
+    # Contiguous ranks (every BPE lmforge trains) are recorded as their range: no int to parse per line.
+    values = range(first, end) if isinstance(first, int) and isinstance(end, int) else map(int, fields[1::2])
+    try:
+        return dict(zip(map(binascii.a2b_base64, fields[0::2]), values, strict=True))
+    except ValueError:
+        return None
 
 
 def _tiktoken_version() -> str | None:
@@ -185,12 +195,15 @@ def _start_from_export(tokenizer_path: Path, sha256: str, threads: int | None) -
     ranks = _ranks(tokenizer_path, meta)
     if ranks is None or meta.get("special_tokens_xxh64") != xxhash.xxh64(roles).hexdigest():
         return None
-    try:
-        encoder = FastEncoder.from_checked_path(exported_path(meta["pat_str"], ranks, meta["special_tokens"]), threads)
-        same = encoder.encode_batch(list(PROBE_TEXTS)) == meta.get("probe_ids")
-    except (FastPathUnavailable, KeyError, TypeError):
-        return None
-    if not same:
-        return None
     # The roles from the bytes just checksummed (what load_special_tokens parses from this file).
-    return encoder, int(meta["vocab_size"]), SpecialTokens.from_json(json.loads(roles), str(roles_path))
+    special = SpecialTokens.from_json(json.loads(roles), str(roles_path))
+    try:
+        # The stage reads every special token as text and joins documents with EOS, so EOS is the one
+        # tiktoken needs as a special: each one more costs tiktoken's Encoding time (~2 ms for T5's
+        # 100 sentinels at 32k) and none can change the ids (checked on the probe texts below).
+        eos = {content: value for content, value in meta["special_tokens"].items() if value == special.eos}
+        encoder = FastEncoder.from_checked_path(exported_path(meta["pat_str"], ranks, eos), threads)
+        same = encoder.encode_batch(list(PROBE_TEXTS)) == meta.get("probe_ids")
+    except (FastPathUnavailable, KeyError, TypeError, AttributeError):
+        return None
+    return (encoder, int(meta["vocab_size"]), special) if same else None
