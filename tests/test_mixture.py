@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -302,6 +303,25 @@ def test_encoder_threads_finishing_out_of_order_write_the_one_thread_bytes(tmp_p
     assert len(files) > 6
     for f in files:
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "many" / f).read_bytes(), f
+
+
+def test_sets_finish_on_threads_of_their_own_not_the_encoders(tmp_path, monkeypatch) -> None:
+    """Finishing a split's sets waits on the disk: on the shared encoder pool that would stall the
+    encoding of a split still running beside it (val beside train), so it runs on its own threads."""
+    shards = docs_by_shard()
+    inputs = write_inputs(tmp_path, shards)
+    finished_on: list[str] = []
+    exit_ = token_sets.ShardWriter.__exit__
+
+    def recording_exit(self, *exc):
+        finished_on.append(threading.current_thread().name)
+        return exit_(self, *exc)
+
+    monkeypatch.setattr(token_sets.ShardWriter, "__exit__", recording_exit)
+    with ThreadPoolExecutor(2, thread_name_prefix="encode") as pool:
+        out = tokenize(tmp_path, inputs, shards, encoders=pool)
+    assert len(finished_on) == len(out["sources"]) >= 2
+    assert not [name for name in finished_on if name.startswith("encode")]
 
 
 def test_joined_encoder_writes_the_bytes_of_one_call_per_text(tmp_path) -> None:
