@@ -1,5 +1,6 @@
 """E4: continual pretraining through the CLI: `train.init_from` starts from an exported Hugging Face
-Llama with its tokenizer (`tokenizer.from`), and the run's own export is checked like any export."""
+Llama with its tokenizer (`tokenizer.from`), and the run's own export is checked like any export; with
+an extended tokenizer (`lmforge extend-vocab`) the model's vocabulary grows to match."""
 
 from __future__ import annotations
 
@@ -7,8 +8,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
+from tokenizers import Tokenizer
 
 from lmforge.cli import main
+from lmforge.config import ConfigError, TokenizerConfig
+from lmforge.models import build_model
+from lmforge.models.decoder import DecoderConfig
+from lmforge.recipe import load_config
+from lmforge.tokenizer.extend import extend_vocabulary
+from lmforge.tokenizer.train import train_tokenizer
+from lmforge.train.model_setup import grow_vocabulary
 
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64", "train.seq_len=32",
         "train.batch_size=8", "train.checkpoint_every=10", "train.log_every=1", "train.schedule.warmup_steps=2",
@@ -46,3 +56,35 @@ def test_a_run_continues_from_an_exported_model_and_exports_again(tmp_path):
     saved = (cont / "config.yaml").read_text()
     assert "n_layers: 2" in saved and "n_layers: 7" not in saved
     assert (cont / "export" / "hf" / "model.safetensors").is_file()
+
+    # Vocabulary extension: the exported model continues with its tokenizer grown by new text's tokens.
+    new_words = ["tokenizerextension", "vocabularygrowth", "embeddingrows"]
+    (tmp_path / "new.jsonl").write_text("".join(
+        json.dumps({"id": str(i), "text": " ".join(rng.choice(words + new_words, 60, p=[0.08] * 11 + [0.04] * 3))})
+        + "\n" for i in range(150)))
+    ext = tmp_path / "ext"
+    grown = extend_vocabulary(hf, [" ".join(new_words)] * 200, 12, ext)
+    new_size = grown["vocab_size_after"]
+    assert grown["added"] > 0 and new_size == Tokenizer.from_file(str(ext / "tokenizer.json")).get_vocab_size()
+    run = tmp_path / "grown"
+    assert main(["run", "--quiet", f"out_dir={run}", f"data.inputs={tmp_path / 'new.jsonl'}", f"train.init_from={hf}",
+                 f"tokenizer.from={ext}", "train.max_steps=3", *TINY]) == 0
+    assert f"vocab_size: {new_size}" in (run / "config.yaml").read_text()
+    assert losses(run)[1] < 0.8 * trained[1], "the old rows keep what the model learned"
+    assert json.loads((run / "export" / "hf" / "config.json").read_text())["vocab_size"] >= new_size
+
+
+def test_init_from_refuses_a_tokenizer_that_is_not_an_extension(tmp_path):
+    words = ["alpha beta gamma delta", "one two three four five", "数据 模型 学习"]
+    own, other = tmp_path / "model", tmp_path / "other"
+    train_tokenizer(words * 50, TokenizerConfig(vocab_size=500), own / "tokenizer.json", progress=False)
+    train_tokenizer([w[::-1] for w in words] * 50, TokenizerConfig(vocab_size=520), other / "tokenizer.json",
+                    progress=False)
+    cfg = load_config(overrides=[f"train.init_from={own}", "model.vocab_size=500"])
+    model = build_model(DecoderConfig(vocab_size=500, d_model=16, n_layers=1, n_heads=2, max_seq_len=16))
+    with pytest.raises(ConfigError, match="not an extension"):
+        grow_vocabulary(model, cfg, other / "tokenizer.json", 520)
+    (own / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match="no tokenizer.json"):
+        grow_vocabulary(model, cfg, other / "tokenizer.json", 520)
+    assert model.cfg.vocab_size == 500  # refused before any change

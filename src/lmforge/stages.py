@@ -168,7 +168,7 @@ def objective_for(cfg: RunConfig, trained: RunConfig | None = None) -> Any:
 def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
     from lmforge.tokenizer.train import load_tokenizer
     from lmforge.train.checkpoint import find_latest, read_state
-    from lmforge.train.model_setup import build_parallel_model, import_init_from
+    from lmforge.train.model_setup import build_parallel_model, grow_vocabulary, import_init_from
     from lmforge.train.optim import build_optimizer
     from lmforge.train.parallel import setup
     from lmforge.train.precision import Precision
@@ -180,6 +180,10 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
     train_ds, val_ds = _datasets(paths)
     imported = import_init_from(cfg)
     tokenizer_vocab = load_tokenizer(paths.tokenizer).get_vocab_size()
+    if imported is not None and cfg.model.vocab_size < tokenizer_vocab:
+        line = grow_vocabulary(imported, cfg, paths.tokenizer, tokenizer_vocab)
+        if progress and d.is_main:
+            print(line)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer_vocab
     elif cfg.model.vocab_size < tokenizer_vocab:

@@ -9,7 +9,8 @@ token keeps its id, roles and sentinels included; new ids come after the current
 after the T5 sentinels: `<extra_id_0>` is no longer the highest id, which nothing relies on, as
 code reads sentinel ids from the role map). The role map is saved unchanged. Text that the new
 merges touch encodes differently (that is the point: fewer tokens); text they do not touch, the same.
-Grow the model with `lmforge.models.resize.resize_token_embeddings` to the new vocabulary size.
+Grow the model with `lmforge.models.resize.resize_token_embeddings` to the new vocabulary size
+(a run with `train.init_from` and `tokenizer.from` set to the extension does it itself).
 """
 
 from __future__ import annotations

@@ -28,6 +28,34 @@ def import_init_from(cfg: RunConfig) -> torch.nn.Module | None:
     return model
 
 
+def grow_vocabulary(model: torch.nn.Module, cfg: RunConfig, tokenizer_path: Path, new_size: int) -> str:
+    """train.init_from with an extended tokenizer (`lmforge extend-vocab`, then `tokenizer.from`): the
+    imported model gets rows for the new ids, each the mean of the old rows (models.resize). Refused
+    unless the run's tokenizer keeps every id of the model's own tokenizer (its tokenizer.json), since
+    the old rows are indexed by those ids. Returns a line saying what was done."""
+    from tokenizers import Tokenizer
+
+    from lmforge.models.resize import resize_token_embeddings
+
+    old_size = cfg.model.vocab_size
+    own = Path(cfg.train.init_from) / "tokenizer.json"
+    if not own.is_file():
+        raise ConfigError(f"train.init_from: {cfg.train.init_from} has {old_size} token rows, the run's tokenizer "
+                          f"{new_size} tokens, and no tokenizer.json to check that the old ids kept their meaning; "
+                          "add the model's tokenizer.json there, or use the model's own tokenizer (tokenizer.from)")
+    old_vocab = Tokenizer.from_file(str(own)).get_vocab()
+    new_vocab = Tokenizer.from_file(str(tokenizer_path)).get_vocab()
+    moved = [t for t, i in old_vocab.items() if new_vocab.get(t) != i]
+    if moved:
+        raise ConfigError(f"train.init_from: the run's tokenizer ({tokenizer_path}) is not an extension of {own}: "
+                          f"{len(moved)} of its tokens have other ids or are missing (e.g. {moved[0]!r}); an "
+                          "extension keeps every old id (lmforge extend-vocab)")
+    resize_token_embeddings(model, new_size)
+    cfg.model.vocab_size = new_size
+    return (f"train.init_from: vocabulary grown {old_size:,} -> {new_size:,} tokens for the extended tokenizer; "
+            "the new embedding and output rows start at the mean of the old ones")
+
+
 def build_parallel_model(cfg: RunConfig, d: Any, imported: torch.nn.Module | None) -> tuple[Any, Any, int]:
     """(model, pipeline runner or None, parameter count): built, parallelised and initialised in
     torchtitan's order where the layout splits parameters (fsdp, tp): on the meta device, then
