@@ -15,6 +15,7 @@ import pytest
 from lmforge.data import doc_shards
 from lmforge.recipe import load_config
 from lmforge.stages import RunPaths, stage_data, stage_tokenize, stage_tokenizer
+from lmforge.tokenizer.report import tokenizer_report
 from lmforge.tokens import token_sets
 from lmforge.tokens.shard_writer import doc_batches
 
@@ -54,6 +55,14 @@ def test_any_thread_count_writes_the_same_token_sets(run_dir):
     three = stage_tokenize(config(run_dir, None, "tokens.threads=3"), progress=False)
     assert one == three and one["encoder"] == "tiktoken"
     assert token_files(run_dir) == first and len(first) > 8
+
+
+def test_the_tokenizer_stage_reports_bytes_per_token_per_source_on_val(run_dir):
+    cfg = config(run_dir)
+    result = stage_tokenizer(cfg, progress=False)  # trains the same tokenizer again (same data, same seed)
+    rows = result["bytes_per_token"]
+    assert set(rows) == {"web", "code", "all"} and rows == tokenizer_report(cfg)["sources"]
+    assert all(r["docs"] > 0 and r["bytes_per_token"] > 1.0 for r in rows.values())
 
 
 def test_a_failing_split_stops_the_other_and_is_the_error_reported(run_dir, monkeypatch):

@@ -256,6 +256,7 @@ def test_stage_imports_a_transformers_tokenizer(tmp_path):
     assert {k: result[k] for k in ("path", "vocab_size", "from")} == {
         "path": str(path), "vocab_size": 300, "from": str(tmp_path / "hf")}
     assert "unk_token" in result["tiktoken"]  # the reason tiktoken cannot stand in, recorded beside it
+    assert result["bytes_per_token"] is None  # no clean documents yet to measure it on
     assert path.read_bytes() == (tmp_path / "hf" / "tokenizer.json").read_bytes()  # copied as is
     special = sp.load_special_tokens(path)
     assert sp.special_tokens_path(path).is_file()

@@ -70,7 +70,8 @@ def stage_tokenizer(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.tokenizer.from_:  # a given tokenizer instead of training one: the data stage is not needed
         tok = import_tokenizer(cfg.tokenizer.from_, paths.tokenizer)
         return {"path": str(paths.tokenizer), "vocab_size": tok.get_vocab_size(), "from": cfg.tokenizer.from_,
-                "tiktoken": _export_tiktoken(paths.tokenizer, progress)}
+                "tiktoken": _export_tiktoken(paths.tokenizer, progress),
+                "bytes_per_token": _bytes_per_token(paths, tok, progress)}
     docs = read_documents(_need(paths.data / "train", "data"), meta=False)  # texts are what it trains on
     ledger = json.loads(_need(paths.data / "ledger.json", "data").read_text(encoding="utf-8"))
     corpus_bytes = ledger["totals"]["bytes_kept"]
@@ -78,7 +79,24 @@ def stage_tokenizer(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     texts = spread_sample(docs, rate, cfg.seed)
     tok = train_tokenizer(texts, cfg.tokenizer, paths.tokenizer, progress=progress)
     return {"path": str(paths.tokenizer), "vocab_size": tok.get_vocab_size(), "sample_rate": rate,
-            "tiktoken": _export_tiktoken(paths.tokenizer, progress)}
+            "tiktoken": _export_tiktoken(paths.tokenizer, progress),
+            "bytes_per_token": _bytes_per_token(paths, tok, progress)}
+
+
+def _bytes_per_token(paths: RunPaths, tok: Any, progress: bool) -> dict[str, Any] | None:
+    """Bytes and characters per token of each source's val documents (text the tokenizer was not
+    trained on; at most 5 MB a source), or None before the data stage ran (an imported tokenizer).
+    `lmforge tokenizer-report` gives the same for any split."""
+    from lmforge.data.doc_shards import read_documents
+    from lmforge.tokenizer.report import format_table, measure
+
+    val = paths.data / "val"
+    if not val.is_dir():
+        return None
+    rows = measure(tok, ((d.source, d.text) for d in read_documents(val, meta=False)), 5_000_000)
+    if progress:
+        print(format_table(rows, f"tokenizer {paths.tokenizer} on the val split"))
+    return rows
 
 
 def _export_tiktoken(tokenizer_path: Path, progress: bool) -> str:
