@@ -55,6 +55,10 @@ def test_yaml_then_overrides_take_precedence(tmp_path: Path):
         ("model.arch=t55", "model.arch"),
         ("data.filters=[{name: min_wordz}]", "data.filters[0].name"),
         ("data.filters=[{name: min_words, min_wrds: 3}]", "data.filters[0].min_wrds"),
+        # stage budgets past what the run draws (1000 steps x 8 rows x 256 tokens = 2,048,000)
+        ("tokens.curriculum=[{tokens: 2000000, seq_len: 256}, {tokens: 100000}]", "tokens.curriculum"),
+        ("tokens.curriculum=[{tokens: 0}, {tokens: 100}]", "tokens.curriculum[0].tokens"),  # 0 only last
+        ("tokens.curriculum=[{tokens: 100, seq_len: 100000}]", "tokens.curriculum[0].seq_len"),
     ],
 )
 def test_bad_override_names_the_key(override: str, key: str):
