@@ -379,3 +379,18 @@ def test_pack_refuses_ids_out_of_range():
     for bad in (100, -3):
         with pytest.raises(ValueError, match=rf"token id {bad} out of range \[0, 100\)"):
             pack([[1, 2], np.array([bad, 5])], [2, 2], 0, 100, np.dtype("uint16"))
+
+
+def test_fingerprint_follows_the_content_not_the_sharding(tmp_path):
+    """Loader state is checked against it on resume: a set resharded keeps it, one token changed
+    (same totals, same document lengths) changes it."""
+    def written(name: str, last: int, max_shard_tokens: int) -> TokenDataset:
+        with ShardWriter(tmp_path, name, "0" * 64, 300, max_shard_tokens=max_shard_tokens) as w:
+            for k in range(40):
+                w.add(np.array([5 + k % 7, 9, last if k == 39 else 11]), source="web", n_bytes=9)
+        return TokenDataset(tmp_path, name)
+
+    base, resharded, changed = written("a", 11, 1000), written("b", 11, 16), written("c", 12, 1000)
+    assert len(resharded.shards) > 1 == len(base.shards)
+    assert (base.n_tokens, base.n_docs) == (changed.n_tokens, changed.n_docs)
+    assert base.fingerprint == resharded.fingerprint != changed.fingerprint

@@ -325,10 +325,13 @@ class TokenDataset:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """Identifies the tokenizer and the content's totals, not the sharding: loader state checks it
-        on resume. Read from the manifests only, so opening a set never scans its index."""
+        """Identifies the tokenizer and the content, not the sharding: loader state checks it on resume.
+        The content is the totals plus the checksum of the unigram counts (the same bytes however the
+        stream is sharded, other bytes when a token changes). Read from the manifests only, so opening a
+        set never scans its index."""
         m = self.set_manifest
-        key = f"{self.tokenizer_sha256}:{self.n_tokens}:{self.n_docs}:{m['n_bytes']}:{self.source_names}"
+        key = (f"{self.tokenizer_sha256}:{self.n_tokens}:{self.n_docs}:{m['n_bytes']}:{self.source_names}:"
+               f"{m.get('counts_xxh64')}")
         return xxhash.xxh64(key.encode()).hexdigest()
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
