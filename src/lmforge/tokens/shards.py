@@ -383,6 +383,7 @@ class TokenDataset:
     def check_tokenizer(self, sha256: str) -> None:
         if sha256 != self.tokenizer_sha256:
             raise ValueError(
-                f"token shards {self.out_dir}/{self.name}-* were made with tokenizer {self.tokenizer_sha256[:12]}, "
-                f"not {sha256[:12]}; re-run tokenization with the current tokenizer"
+                f"{set_manifest_path(self.out_dir, self.name)}: tokenizer_sha256 {self.tokenizer_sha256[:12]} is "
+                f"not the run's tokenizer.json ({sha256[:12]}): token shards {self.out_dir}/{self.name}-* were made "
+                "with another tokenizer; re-run tokenization (lmforge tokenize) with the current one"
             )
