@@ -20,9 +20,10 @@ from test_loader import write_position_coded
 
 from lmforge.data.document import Document
 from lmforge.errors import ConfigError
+from lmforge.objectives.packing import document_spans, separator_segments
 from lmforge.tokenizer.special_tokens import EOS_ID
 from lmforge.tokens import token_sets
-from lmforge.tokens.loader import PackedLoader, Stage, pack_best_fit
+from lmforge.tokens.loader import BestFitSource, PackedLoader, Stage, pack_best_fit
 from lmforge.tokens.mixture import SmoothRoundRobin, resolve_weights
 from lmforge.tokens.permutation import Permutation
 from lmforge.tokens.shard_writer import doc_batches
@@ -136,13 +137,16 @@ def test_an_epoch_sees_every_window_once_across_ranks(sources) -> None:
 @given(lengths=st.lists(st.integers(1, 120), min_size=1, max_size=80), window=st.integers(4, 64),
        long_docs=st.sampled_from(["crop", "split"]))
 def test_best_fit_rows_are_full_and_every_token_is_accounted_for(lengths, window, long_docs) -> None:
+    """The loader packs window-1 tokens behind each row's leading EOS: rows of that capacity are full,
+    and pieces drawn plus tokens cropped are exactly the documents' tokens."""
+    capacity = window - 1
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).tolist()
-    rows, cropped = pack_best_fit(starts, lengths, window, long_docs)
+    rows, cropped = pack_best_fit(starts, lengths, capacity, long_docs)
     used = [piece for row in rows for piece in row]
-    assert all(sum(length for _, length in row) == window for row in rows)
+    assert all(1 + sum(length for _, length in row) == window for row in rows)  # EOS + pieces fill the window
     assert sum(length for _, length in used) + cropped == sum(lengths)
     doc_of = {s: i for i, s in enumerate(starts)}
-    piece_starts = {s + k for s, n in zip(starts, lengths, strict=True) for k in range(0, n, window)}
+    piece_starts = {s + k for s, n in zip(starts, lengths, strict=True) for k in range(0, n, capacity)}
     for row in rows:
         first = row[0][0]
         assert first in doc_of or (long_docs == "split" and first in piece_starts)
@@ -151,23 +155,76 @@ def test_best_fit_rows_are_full_and_every_token_is_accounted_for(lengths, window
         covered[s : s + n] += 1
     assert covered.max() <= 1  # no token is used twice
     if long_docs == "crop":  # a document longer than the row loses at least its overhang
-        assert cropped >= sum(max(0, n - window) for n in lengths)
+        assert cropped >= sum(max(0, n - capacity) for n in lengths)
 
 
-def test_best_fit_loader_rows_start_at_documents_and_mark_boundaries(sources) -> None:
+@settings(max_examples=20, deadline=None)
+@given(window=st.integers(2, 80), block_docs=st.sampled_from([1, 7, 40, 1024]), seed=st.integers(0, 99),
+       long_docs=st.sampled_from(["crop", "split"]))
+def test_best_fit_epoch_draws_plus_crops_every_token_once(sources, window, block_docs, seed, long_docs) -> None:
+    """Over one epoch of a best_fit source, the rows' pieces plus the cropped tokens are the source's
+    tokens, each used at most once, and what the rows report as consumed adds up to one epoch."""
+    ds = sources["code"]
+    stream = BestFitSource(ds, window, seed, long_docs, block_docs)
+    cursor, covered, consumed, cropped = stream.fresh(), np.zeros(ds.n_tokens, dtype=int), 0, 0
+    try:
+        while cursor["epoch"] == 0:
+            row, used, crop = stream.take(cursor)
+            assert sum(n for _, n in row) == window - 1
+            for s, n in row:
+                covered[s : s + n] += 1
+            consumed, cropped = consumed + used, cropped + crop
+    except ValueError as e:  # tiny blocks of short documents may never fill a long row
+        assert "fills a row" in str(e) and block_docs < 40
+        return
+    assert covered.max() <= 1 and covered.sum() + cropped == ds.n_tokens == consumed
+    assert cursor == {"epoch": 1, "block": 0, "row": 0}  # the epoch's last row closed it
+
+
+def test_best_fit_loader_rows_start_with_eos_then_documents(sources) -> None:
     ds = sources["web"]
-    loader = PackedLoader(ds, 48, 8, seed=3, packing="best_fit", block_docs=40)
+    window = 48
+    loader = PackedLoader(ds, window, 8, seed=3, packing="best_fit", block_docs=40)
     doc_starts = set(ds.doc_starts[:-1].tolist())
     for _ in range(6):
         batch = loader.next_batch()
-        for row, ids in zip(batch.tokens, batch.doc_ids, strict=True):
-            assert int(row[0]) - 1 in doc_starts  # position-coded: token p+1 sits at position p
+        assert (batch.tokens[:, 0] == EOS_ID).all()  # BOS-aligned: every row opens on the separator
+        for row, ids, sample_id in zip(batch.tokens, batch.doc_ids, batch.sample_ids, strict=True):
+            assert int(row[1]) - 1 in doc_starts  # position-coded: token p+1 sits at position p
+            base = int(sample_id) * (window + 1)
+            assert ids[0] == base and ids[1] == base + 1 and ids[-1] < base + window + 1  # unique per draw
             changes = np.flatnonzero(np.diff(ids)) + 1
             assert np.all(np.diff(ids) >= 0) and np.all(np.diff(ids)[changes - 1] == 1)  # consecutive pieces
-            for c in changes:  # a piece that ended early ended with its EOS, or the next one is a new document
-                assert row[c - 1] == EOS_ID or int(row[c]) - 1 in doc_starts
+            for c in changes[1:]:  # a piece that ended early ended with its EOS, then a new document starts
+                assert row[c - 1] == EOS_ID and int(row[c]) - 1 in doc_starts
     stats = loader.stats()
     assert stats["row_fill"] == 1.0 and 0.0 < stats["cropped_share"] < 0.5
+
+
+@settings(max_examples=25, deadline=None)
+@given(window=st.integers(3, 90), seed=st.integers(0, 2**16), long_docs=st.sampled_from(["crop", "split"]),
+       block_docs=st.sampled_from([20, 1024]))
+def test_best_fit_segments_keep_every_token_inside_its_document(sources, window, seed, long_docs, block_docs):
+    """separator_segments over best_fit rows: a segment is at most one EOS (its first token) followed
+    by consecutive tokens of one document, so attention inside a segment never reaches another
+    document; the leading EOS is the first document's segment, as every other EOS is the next one's."""
+    ds = sources["code"]
+    loader = PackedLoader(ds, window, 4, seed=seed, packing="best_fit", long_docs=long_docs, block_docs=block_docs)
+    for _ in range(3):
+        batch = loader.next_batch()
+        segments = separator_segments(batch.tokens, batch.doc_ids, EOS_ID)
+        for row, seg in zip(batch.tokens, segments, strict=True):
+            assert seg[0] == seg[1] == 1
+            for a, b in document_spans(seg):
+                # Every segment opens on its separator, the first included; only a split continuation
+                # row opens on the token before its piece (same document: checked below).
+                assert row[a] == EOS_ID or (a == 0 and long_docs == "split")
+                text = row[a + 1 : b] if row[a] == EOS_ID else row[a:b]
+                assert not (text == EOS_ID).any()
+                if text.size:
+                    positions = text - 1
+                    assert np.array_equal(positions, np.arange(positions[0], positions[0] + text.size))
+                    assert len(set(ds.doc_index(positions).tolist())) == 1
 
 
 # ---------------------------------------------------------------- curriculum and resume
@@ -214,6 +271,126 @@ def test_resume_mid_stage_and_at_boundaries_on_other_rank_counts_equals_uninterr
     rest, _ = run(sources, 36 - at, w2, batch // w2, packing, state=state)
     for (a, ids_a, stage_a), (b, ids_b, stage_b) in zip(full[at:], rest, strict=True):
         assert np.array_equal(a, b) and np.array_equal(ids_a, ids_b) and stage_a == stage_b
+
+
+# ---------------------------------------------------------------- epochs per source
+
+
+def draw_rows(loader: PackedLoader, n: int) -> None:
+    for _ in range(n):
+        loader.next_batch(1)
+
+
+@pytest.mark.parametrize("packing", ["greedy", "best_fit"])
+def test_epochs_per_source_count_the_tokens_consumed(sources, packing) -> None:
+    """Greedy: each window consumes window-1 tokens and an epoch's last one the uncovered tail, so n_samples
+    rows are exactly 1.0 epoch; best_fit: rows consume window-1 tokens plus what their blocks cropped."""
+    ds = sources["zh"]
+    loader = PackedLoader(ds, 16, 1, seed=4, packing=packing, block_docs=8, max_epochs=0)
+    assert loader.stats()["epochs"] == {"zh": 0.0}
+    cursor = lambda: loader.state["cursors"]["zh@16"]  # noqa: E731
+    rows = 0
+    while not rows or cursor()["epoch"] == 0:
+        draw_rows(loader, 1)
+        rows += 1
+        if cursor()["epoch"] == 0:  # within the epoch: drawn plus cropped so far
+            assert loader.stats()["epochs"]["zh"] == (rows * 15 + loader.state["cropped"]) / ds.n_tokens
+    assert loader.stats()["epochs"]["zh"] == 1.0  # the epoch's last row closes it exactly
+    if packing == "greedy":
+        assert rows == loader.n_samples
+    cropped = loader.state["cropped"]
+    draw_rows(loader, 3)
+    assert loader.stats()["epochs"]["zh"] == 1.0 + (3 * 15 + loader.state["cropped"] - cropped) / ds.n_tokens
+
+
+@pytest.mark.parametrize("packing", ["greedy", "best_fit"])
+def test_epochs_add_up_across_curriculum_windows_and_survive_resume(sources, packing) -> None:
+    loader = PackedLoader(sources, 16, 8, seed=9, packing=packing, stages=curriculum(sources), block_docs=30)
+    for _ in range(40):
+        loader.next_batch()
+    epochs = loader.stats()["epochs"]
+    assert loader.state["stage"] == 2 and epochs["web"] > 0 and epochs["code"] > 0 and epochs["zh"] > 0
+    per_cursor = {n: 0.0 for n in loader.names}  # each window's cursor passes over the source on its own
+    for key, cursor in loader.state["cursors"].items():
+        name, _, window = key.rpartition("@")
+        per_cursor[name] += loader._stream(name, int(window)).consumed_before(cursor) / sources[name].n_tokens
+    assert epochs == pytest.approx(per_cursor, rel=1e-12)
+    assert len([k for k in loader.state["cursors"] if k.startswith("web@")]) == 2  # web at windows 16 and 24
+
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert state["version"] == 3
+    resumed = PackedLoader(sources, 16, 8, seed=9, packing=packing, stages=curriculum(sources), block_docs=30)
+    resumed.load_state_dict(state)
+    assert resumed.stats() == loader.stats()
+    old = {k: v for k, v in state.items() if k != "consumed"} | {"version": 2}  # before epochs were counted
+    from_v2 = PackedLoader(sources, 16, 8, seed=9, packing=packing, stages=curriculum(sources), block_docs=30)
+    from_v2.load_state_dict(old)
+    assert from_v2.stats()["epochs"] == pytest.approx(epochs, rel=1e-12)
+    for _ in range(5):
+        assert np.array_equal(resumed.next_batch().tokens, loader.next_batch().tokens)
+        from_v2.next_batch()
+    assert resumed.stats() == loader.stats() and from_v2.stats()["epochs"] == pytest.approx(loader.stats()["epochs"])
+    for version, match in ((1, "older lmforge"), (None, "older lmforge"), (4, "newer lmforge")):
+        with pytest.raises(ValueError, match=match):
+            resumed.load_state_dict({**state, "version": version})
+
+
+def test_repeat_warning_fires_once_per_epoch_past_max_epochs(sources, caplog) -> None:
+    ds = sources["zh"]
+    loader = PackedLoader(ds, 16, 1, seed=2, max_epochs=2)
+    n = loader.n_samples
+    caplog.set_level("WARNING", logger="lmforge.tokens.loader")
+
+    def warnings_() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "repeating" in r.getMessage()]
+
+    draw_rows(loader, 2 * n)
+    assert loader.stats()["epochs"]["zh"] == 2.0 and warnings_() == []  # at max_epochs, not past it
+    draw_rows(loader, 1)
+    assert warnings_() == ["source 'zh' has now drawn more than 2 epochs of its tokens (max_epochs 2): a small "
+                           "source is repeating"]
+    draw_rows(loader, n - 1)
+    assert len(warnings_()) == 1  # still inside the third epoch
+    draw_rows(loader, 1)
+    assert len(warnings_()) == 2 and "more than 3 epochs" in warnings_()[1]
+
+    caplog.clear()  # a fractional limit, and each stage's own limit over the loader's
+    half = PackedLoader(ds, 16, 1, seed=2, max_epochs=0.5)
+    first = ds.n_tokens // 30 + 1  # the first row past half the source's tokens (15 per row)
+    draw_rows(half, first - 1)
+    assert warnings_() == []
+    draw_rows(half, 1)
+    assert len(warnings_()) == 1 and "more than 0.5 epochs" in warnings_()[0]
+    caplog.clear()
+    staged = PackedLoader(ds, 16, 1, seed=2, max_epochs=0, stages=[Stage(0, 16, {"zh": 1.0}, max_epochs=1)])
+    draw_rows(staged, n + 1)
+    assert len(warnings_()) == 1
+    caplog.clear()
+    quiet = PackedLoader(ds, 16, 1, seed=2, max_epochs=1, stages=[Stage(0, 16, {"zh": 1.0}, max_epochs=0)])
+    draw_rows(quiet, 3 * n)
+    assert warnings_() == []
+
+
+def test_build_loader_gives_each_curriculum_stage_its_own_max_epochs(sources) -> None:
+    from types import SimpleNamespace
+
+    from lmforge.config import CurriculumStage, MixtureConfig, TokensConfig
+    from lmforge.stages import build_loader
+
+    tokens = TokensConfig(curriculum=[CurriculumStage(100, 0, MixtureConfig({"web": 1.0}, max_epochs=2)),
+                                      CurriculumStage(0, 31, MixtureConfig({"zh": 1.0}, max_epochs=0.5))])
+    cfg = SimpleNamespace(tokens=tokens, train=SimpleNamespace(seq_len=15, batch_size=2), seed=0)
+    loader = build_loader(cfg, sources, SimpleNamespace(window=lambda seq_len: seq_len + 1))
+    assert [(s.window, s.max_epochs) for s in loader.stages] == [(16, 2), (32, 0.5)]
+
+
+def test_run_summary_shows_epochs_next_to_shares() -> None:
+    from lmforge.cli import _shares
+
+    line = _shares({"source_share": {"web": 0.75, "zh": 0.25}, "epochs": {"web": 0.1234, "zh": 5.0},
+                    "utilisation": 1.0, "cropped_share": 0.1})
+    assert line.startswith("web 75.0% (0.12 epochs), zh 25.0% (5.00 epochs);")
+    assert _shares({"source_share": {"web": 1.0}, "utilisation": 1.0, "cropped_share": 0.0}).startswith("web 100.0%;")
 
 
 # ---------------------------------------------------------------- token sets on disk

@@ -229,8 +229,10 @@ def summary(r: dict[str, dict[str, Any]]) -> str:
 
 
 def _shares(data: dict[str, Any]) -> str:
-    """Realised token share per source, and the cropped share when packing best-fit crops."""
-    shares = ", ".join(f"{name} {share:.1%}" for name, share in data["source_share"].items() if share)
+    """Realised token share and epochs drawn per source, and the cropped share when packing best-fit crops."""
+    epochs = data.get("epochs", {})
+    shares = ", ".join(f"{name} {share:.1%}" + (f" ({epochs[name]:.2f} epochs)" if name in epochs else "")
+                       for name, share in data["source_share"].items() if share)
     return (f"{shares}; {data['utilisation']:.1%} of model inputs are not padding, "
             f"{data['cropped_share']:.1%} of tokens cropped by packing")
 

@@ -162,7 +162,8 @@ def build_loader(cfg: RunConfig, sources: dict[str, Any], objective: Any, rank: 
     stages = [
         Stage(st.tokens, objective.window(st.seq_len or cfg.train.seq_len),
               resolve_weights(sizes, st.mixture.weights, st.mixture.temperature,
-                              f"tokens.curriculum[{i}].mixture" if tc.curriculum else "tokens.mixture"))
+                              f"tokens.curriculum[{i}].mixture" if tc.curriculum else "tokens.mixture"),
+              max_epochs=st.mixture.max_epochs)  # each stage warns past its own mixture's max_epochs
         for i, st in enumerate(plan)
     ]
     return PackedLoader(sources, stages[0].window, cfg.train.batch_size, cfg.seed, rank, world_size,

@@ -1,48 +1,64 @@
 """Batches of token windows drawn from a mixture of sources: deterministic, stateful, resumable.
 
 Each source is a token set (one per source of the split). Per source, samples come in one of two
-packings:
+packings (the samplers are in sources.py):
 - `greedy`: sample k is the window of `window` tokens starting at k*(window-1) of the source's
   stream (consecutive samples share one token, so every token after the first is a next-token
   target once per epoch); rows cross documents.
-- `best_fit`: every row starts at a document start. Documents are taken in blocks (in the epoch's
-  shuffled order); each row is filled with the longest document that still fits, and when none
-  fits, with the head of the shortest one longer than the gap, whose tail is cropped; rows are
-  always full (100% utilisation), the cropped share is counted. A document longer than the window
-  is cropped to it, or with `long_docs: split` cut into window-sized pieces. A block's last,
-  unfilled row is dropped and counted as cropped.
+- `best_fit`: every row is BOS-aligned: position 0 holds EOS (the document-start context every
+  other document gets from the EOS before it, and generation from `document_start()`), and the
+  other window-1 positions are packed from whole documents. Documents are taken in blocks (in the
+  epoch's shuffled order); each row is filled with the longest document that still fits, and when
+  none fits, with the head of the shortest one longer than the gap, whose tail is cropped; rows are
+  always full (100% utilisation), the cropped share is counted. A document longer than window-1 is
+  cropped to it, or with `long_docs: split` cut into pieces of that size (a row opening on a
+  continuation piece has the token before it at position 0 instead of EOS: real context, not a
+  false document start). A block's last, unfilled row is dropped and counted as cropped.
 Sources are interleaved by smooth weighted round-robin on their token weights (mixture.py), so
 every prefix of the run matches the mixture to within two rows per source. Samples are shuffled by a keyed Feistel
 permutation (O(1) memory). The state (stage, per-source cursors, round-robin credits, draws) is
 global, so a resume continues the same global batches on any number of ranks; a global batch is
 batch_size * world_size consecutive draws and rank r takes rows [r*batch_size, (r+1)*batch_size).
+
+Epochs per source (`stats()["epochs"]`) are the source tokens consumed (drawn, plus those the packing
+gave up: best_fit's cropped tails, greedy's uncovered stream tail) over the source's token count, so
+one full pass is 1.0; passes at several windows (curriculum stages changing seq_len) add up. Each
+time a source's epochs pass max_epochs, max_epochs + 1, ... (of the stage drawing it) one warning is
+logged: a small source is repeating.
 """
 
 from __future__ import annotations
 
-import bisect
 import copy
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-import xxhash
 
 from lmforge.tokens.mixture import SmoothRoundRobin
-from lmforge.tokens.permutation import Permutation
 from lmforge.tokens.shards import TokenDataset
+from lmforge.tokens.sources import BestFitSource, GreedySource, n_windows, pack_best_fit
+
+__all__ = ["Batch", "BestFitSource", "GreedySource", "PackedLoader", "Stage", "n_windows", "pack_best_fit",
+           "sequential_windows"]
 
 log = logging.getLogger(__name__)
-_BLOCK = 4096  # samples permuted per vectorised call
 _SOURCE_STRIDE = 1 << 40  # doc ids of source i live in [i * 2^40, (i + 1) * 2^40): unique across sources
 
 
 class Batch(NamedTuple):
     """Rows of raw tokens: tokens and doc_ids int64 [B, window]; sample_ids int64 [B], the global draw
     number of each row, which keys the row's objective randomness (so the noise a sample gets does
-    not depend on rank, world size or resume); source_ids int64 [B], the row's source index."""
+    not depend on rank, world size or resume); source_ids int64 [B], the row's source index.
+
+    A document's tokens share one id and its closing EOS carries that id too (objectives move it to
+    the next document with `separator_segments`). In best_fit rows the ids are synthetic and unique
+    per draw: with base = sample_id * (window + 1), the leading EOS has base and piece k base + 1 + k,
+    so after `separator_segments` the leading EOS joins the first piece like every other EOS (a
+    `split` continuation row's leading context token has base + 1, the first piece's id)."""
 
     tokens: np.ndarray
     doc_ids: np.ndarray
@@ -50,139 +66,15 @@ class Batch(NamedTuple):
     source_ids: np.ndarray | None = None
 
 
-def n_windows(n_tokens: int, window: int) -> int:
-    """Number of full windows at stride window-1 in a stream of n_tokens."""
-    if window < 2:
-        raise ValueError(f"window must be >= 2 (inputs plus one target), got {window}")
-    return 0 if n_tokens < window else (n_tokens - window) // (window - 1) + 1
-
-
 @dataclass
 class Stage:
-    """A curriculum stage: `tokens` drawn (0 = until the run ends) with its window and weights."""
+    """A curriculum stage: `tokens` drawn (0 = until the run ends) with its window and weights;
+    `max_epochs` (None: the loader's) is the epochs per source past which its draws warn."""
 
     tokens: int
     window: int
     weights: dict[str, float]
-
-
-def _source_key(name: str) -> int:
-    return xxhash.xxh64_intdigest(name.encode("utf-8"))
-
-
-class GreedySource:
-    """Windows at stride window-1 over one source's stream, shuffled per epoch."""
-
-    def __init__(self, ds: TokenDataset, window: int, seed: int):
-        self.ds, self.window, self.seed = ds, window, seed
-        self.n_samples = n_windows(ds.n_tokens, window)
-        if self.n_samples == 0:
-            raise ValueError(
-                f"token set {ds.out_dir}/{ds.name} has {ds.n_tokens} tokens, fewer than one window of "
-                f"{window}; add data, drop the source from the mixture or lower train.seq_len"
-            )
-        self._block_key: tuple[int, int] | None = None
-        self._block = np.zeros(0, dtype=np.int64)
-
-    def fresh(self) -> dict[str, int]:
-        return {"epoch": 0, "index": 0}
-
-    def take(self, cursor: dict[str, int]) -> list[tuple[int, int]]:
-        """The next row as [(start, length)] of the stream; advances `cursor`."""
-        sample = self._sample(cursor["epoch"], cursor["index"])
-        cursor["index"] += 1
-        if cursor["index"] == self.n_samples:
-            cursor["epoch"], cursor["index"] = cursor["epoch"] + 1, 0
-        return [(sample * (self.window - 1), self.window)]
-
-    def _sample(self, epoch: int, index: int) -> int:
-        # Permuted a block at a time: one vectorised call per _BLOCK rows instead of one per row.
-        block = index // _BLOCK
-        if self._block_key != (epoch, block):
-            perm = Permutation(self.n_samples, (self.seed, _source_key(self.ds.name), epoch))
-            self._block = perm(np.arange(block * _BLOCK, min((block + 1) * _BLOCK, self.n_samples)))
-            self._block_key = (epoch, block)
-        return int(self._block[index - block * _BLOCK])
-
-
-class BestFitSource:
-    """BOS-aligned rows packed best-fit from blocks of `block_docs` shuffled documents."""
-
-    def __init__(self, ds: TokenDataset, window: int, seed: int, long_docs: str = "crop", block_docs: int = 1024):
-        if ds.n_docs == 0:
-            raise ValueError(f"token set {ds.out_dir}/{ds.name} has no documents")
-        self.ds, self.window, self.seed = ds, window, seed
-        self.long_docs, self.block_docs = long_docs, block_docs
-        self.n_blocks = -(-ds.n_docs // block_docs)
-        self._cache: tuple[tuple[int, int], list[list[tuple[int, int]]], int] | None = None
-
-    def fresh(self) -> dict[str, int]:
-        return {"epoch": 0, "block": 0, "row": 0}
-
-    def take(self, cursor: dict[str, int]) -> tuple[list[tuple[int, int]], int]:
-        """The next row's pieces, plus the tokens cropped to make the block it came from (counted when
-        a block's first row is taken)."""
-        while True:
-            rows, cropped = self._rows(cursor["epoch"], cursor["block"])
-            if cursor["row"] < len(rows):
-                row = rows[cursor["row"]]
-                charged = cropped if cursor["row"] == 0 else 0
-                cursor["row"] += 1
-                return row, charged
-            cursor["row"], cursor["block"] = 0, cursor["block"] + 1
-            if cursor["block"] == self.n_blocks:
-                cursor["epoch"], cursor["block"] = cursor["epoch"] + 1, 0
-
-    def _rows(self, epoch: int, block: int) -> tuple[list[list[tuple[int, int]]], int]:
-        if self._cache is None or self._cache[0] != (epoch, block):
-            perm = Permutation(self.ds.n_docs, (self.seed, _source_key(self.ds.name), epoch))
-            first = block * self.block_docs
-            docs = perm(np.arange(first, min(first + self.block_docs, self.ds.n_docs)))
-            starts, stops = self.ds.doc_bounds(docs)
-            rows, cropped = pack_best_fit(starts.tolist(), (stops - starts).tolist(), self.window, self.long_docs)
-            self._cache = ((epoch, block), rows, cropped)
-        return self._cache[1], self._cache[2]
-
-
-def pack_best_fit(
-    starts: list[int], lengths: list[int], window: int, long_docs: str = "crop"
-) -> tuple[list[list[tuple[int, int]]], int]:
-    """Rows of exactly `window` tokens as [(start, length), ...] pieces, each row beginning at a
-    document (or split piece) start, and the number of tokens cropped (including a last row that
-    could not be filled). Deterministic: ties go to the earlier document."""
-    pieces: list[tuple[int, int]] = []  # (length, start), kept sorted
-    cropped = 0
-    for start, length in zip(starts, lengths, strict=True):
-        if length > window and long_docs == "split":
-            whole = range(0, length - length % window, window)
-            pieces += [(window, start + off) for off in whole]
-            if length % window:
-                pieces.append((length % window, start + length - length % window))
-        elif length > window:
-            pieces.append((window, start))
-            cropped += length - window
-        else:
-            pieces.append((length, start))
-    pieces.sort()
-    rows = []
-    while pieces:
-        row, gap = [], window
-        while gap and pieces:
-            i = bisect.bisect_right(pieces, (gap, float("inf")))  # pieces[:i] fit
-            if i:
-                length, start = pieces.pop(i - 1)
-                row.append((start, length))
-                gap -= length
-            else:  # nothing fits (so the row has a piece): the shortest longer one fills the gap, its tail cropped
-                length, start = pieces.pop(0)
-                row.append((start, gap))
-                cropped += length - gap
-                gap = 0
-        if gap:  # the block ran out of documents: this row is not filled
-            cropped += window - gap
-            break
-        rows.append(row)
-    return rows, cropped
+    max_epochs: float | None = None
 
 
 class PackedLoader:
@@ -236,7 +128,7 @@ class PackedLoader:
 
     def _fresh_state(self) -> dict[str, Any]:
         return {"stage": 0, "stage_start": 0, "draws": 0, "tokens": 0, "cropped": 0, "credits": {},
-                "cursors": {}, "source_tokens": {n: 0 for n in self.names}}
+                "cursors": {}, "source_tokens": {n: 0 for n in self.names}, "consumed": {n: 0 for n in self.names}}
 
     def _stream(self, name: str, window: int) -> GreedySource | BestFitSource:
         if name not in self.sources:
@@ -266,18 +158,20 @@ class PackedLoader:
         name = SmoothRoundRobin(stage.weights, self.state["credits"]).choose()
         stream = self._stream(name, stage.window)
         cursor = self.state["cursors"].setdefault(f"{name}@{stage.window}", stream.fresh())
-        before = cursor["epoch"]
-        if isinstance(stream, BestFitSource):
-            pieces, cropped = stream.take(cursor)
-            self.state["cropped"] += cropped
-        else:
-            pieces = stream.take(cursor)
-        if cursor["epoch"] != before and self.max_epochs and cursor["epoch"] >= self.max_epochs:
-            log.warning("source %r starts epoch %d (more than %g): a small source is repeating",
-                        name, cursor["epoch"] + 1, self.max_epochs)
-        self.state["draws"] += 1
-        self.state["tokens"] += stage.window
-        self.state["source_tokens"][name] += stage.window
+        pieces, consumed, cropped = stream.take(cursor)
+        st = self.state
+        before, st["consumed"][name] = st["consumed"][name], st["consumed"][name] + consumed
+        max_epochs = self.max_epochs if stage.max_epochs is None else stage.max_epochs
+        if max_epochs > 0:
+            n_tokens = self.sources[name].n_tokens
+            passed = _thresholds_passed(st["consumed"][name] / n_tokens, max_epochs)
+            if passed > _thresholds_passed(before / n_tokens, max_epochs):
+                log.warning("source %r has now drawn more than %g epochs of its tokens (max_epochs %g): a small "
+                            "source is repeating", name, max_epochs + passed - 1, max_epochs)
+        st["cropped"] += cropped
+        st["draws"] += 1
+        st["tokens"] += stage.window
+        st["source_tokens"][name] += stage.window
         return name, pieces
 
     def next_batch(self, batch_size: int | None = None) -> Batch:
@@ -295,34 +189,47 @@ class PackedLoader:
         tokens = np.empty((len(rows), window), dtype=np.int64)
         doc_ids = np.empty((len(rows), window), dtype=np.int64)
         for r, ((name, pieces), sample_id) in enumerate(zip(rows, ids, strict=True)):
-            ds, offset = self.sources[name], self.names.index(name) * _SOURCE_STRIDE
-            at = 0
-            for k, (start, length) in enumerate(pieces):
+            ds = self.sources[name]
+            if self.packing == "greedy":
+                ((start, length),) = pieces
+                tokens[r] = ds.tokens(start, start + length)
+                doc_ids[r] = ds.doc_ids_range(start, start + length) + self.names.index(name) * _SOURCE_STRIDE
+                continue
+            # Position 0: the stream token before the first piece, i.e. the EOS closing the previous
+            # document (the stream's first document gets one written here); a `split` continuation
+            # piece gets its own preceding token instead, and keeps it in its segment. Ids: see Batch.
+            base, eos = sample_id * (window + 1), self._stream(name, window).eos
+            (start, length), at = pieces[0], 1 + pieces[0][1]
+            if start:
+                tokens[r, :at] = ds.tokens(start - 1, start + length)
+            else:
+                tokens[r, 0], tokens[r, 1:at] = eos, ds.tokens(0, length)
+            doc_ids[r, 0], doc_ids[r, 1:at] = base + (tokens[r, 0] != eos), base + 1
+            for k, (start, length) in enumerate(pieces[1:], 2):
                 tokens[r, at : at + length] = ds.tokens(start, start + length)
-                if self.packing == "greedy":
-                    doc_ids[r, at : at + length] = ds.doc_ids_range(start, start + length) + offset
-                else:  # consecutive per row, unique per draw: objectives read EOS as "next document"
-                    doc_ids[r, at : at + length] = sample_id * window + k
+                doc_ids[r, at : at + length] = base + k
                 at += length
         source_ids = np.array([self.names.index(name) for name, _ in rows], dtype=np.int64)
         return Batch(tokens, doc_ids, np.asarray(ids, dtype=np.int64), source_ids)
 
     def stats(self) -> dict[str, Any]:
-        """Tokens drawn per source, their realised shares, and the cropped share (best_fit)."""
+        """Tokens drawn per source, their realised shares, epochs per source (see the module
+        docstring) and the cropped share (best_fit: cropped tokens over the source tokens consumed)."""
         st = self.state
         total = max(st["tokens"], 1)
         return {
             "tokens": st["tokens"],
             "source_tokens": dict(st["source_tokens"]),
             "source_share": {n: t / total for n, t in st["source_tokens"].items()},
+            "epochs": {n: st["consumed"][n] / self.sources[n].n_tokens for n in self.names},
             "row_fill": 1.0,  # rows are always full: greedy windows, best-fit with cropped fill
-            "cropped_share": st["cropped"] / max(st["cropped"] + st["tokens"], 1),
+            "cropped_share": st["cropped"] / max(sum(st["consumed"].values()), 1),
             "stage": st["stage"],
         }
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": 2,
+            "version": 3,
             "seed": self.seed,
             "packing": self.packing,
             "windows": [s.window for s in self.stages],
@@ -332,9 +239,11 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`; batch_size and world_size may differ from the loader that saved it."""
-        if state.get("version") != 2:
-            raise ValueError("loader state is from an older lmforge (one token stream per split); "
-                             "start a new run or re-train from step 0")
+        version = state.get("version")
+        if version not in (2, 3):
+            raise ValueError("loader state is from an older lmforge (one token stream per split); start a new "
+                             "run or re-train from step 0" if not isinstance(version, int) or version < 2 else
+                             f"loader state version {version} is from a newer lmforge (this one reads 2 and 3)")
         if state["windows"] != [s.window for s in self.stages] or state["packing"] != self.packing:
             raise ValueError(
                 f"loader state was saved with windows {state['windows']} and packing {state['packing']!r}, this "
@@ -351,6 +260,25 @@ class PackedLoader:
             self.seed, self._streams = int(state["seed"]), {}  # streams key their shuffles by the seed
         keys = ("stage", "stage_start", "draws", "tokens", "cropped", "credits", "cursors", "source_tokens")
         self.state = copy.deepcopy({k: state[k] for k in keys})
+        self.state["consumed"] = dict(state["consumed"]) if version == 3 else self._consumed_from_cursors()
+
+    def _consumed_from_cursors(self) -> dict[str, int]:
+        """Version 2 states have no per-source consumption: rebuilt from the cursors (exact for greedy;
+        best_fit rows of version 2 had no leading EOS, so its cursors land near, not exactly at, the
+        place the old layout had reached)."""
+        if self.packing == "best_fit":
+            log.warning("loader state from an older lmforge: best_fit rows now begin with EOS, so the resumed "
+                        "rows continue from the same block but not exactly where the old layout stopped")
+        consumed = {n: 0 for n in self.names}
+        for key, cursor in self.state["cursors"].items():
+            name, _, window = key.rpartition("@")
+            consumed[name] += self._stream(name, int(window)).consumed_before(cursor)
+        return consumed
+
+
+def _thresholds_passed(epochs: float, max_epochs: float) -> int:
+    """How many of max_epochs, max_epochs + 1, ... `epochs` is past."""
+    return 0 if epochs <= max_epochs else math.ceil(epochs - max_epochs)
 
 
 def _read_windows(dataset: TokenDataset, starts: np.ndarray, width: int, sample_ids: np.ndarray) -> Batch:
