@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
             what = sp.add_mutually_exclusive_group()
             what.add_argument("--prompt", help="text to continue (decoders) or to answer (encoder-decoders)")
             what.add_argument("--fill-mask", metavar="TEXT", help='text with [MASK] placeholders (encoders)')
+            sp.add_argument("--lang", metavar="CODE",
+                            help="start the prompt with this language's tag (decoders; tokens.language_tags)")
         if name in ("train", "run"):
             sp.add_argument("--dry-run", action="store_true",
                             help="print parameters, token budget, memory and time estimates; train nothing")
@@ -135,7 +137,7 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
 
         return finetune_main(args, cfg, progress)
     if args.stage == "generate":
-        print(stages.stage_generate(cfg, args.prompt, fill_mask=args.fill_mask)["text"])
+        print(stages.stage_generate(cfg, args.prompt, fill_mask=args.fill_mask, lang=args.lang)["text"])
         return 0
     if args.stage == "mixture-search":
         from lmforge.mixture_search import cli_main

@@ -92,16 +92,38 @@ class TokenizerConfig:
     cjk: Literal["none", "chars"] = "none"  # chars: every CJK ideograph its own pre-token, as BERT
     normalizer: Literal["none", "nfc", "nfkc"] = "none"
     from_: str = ""  # recipe key `from`: a tokenizer.json or HF directory used instead of training
+    # ISO-639-style codes (en, zh, pt-br) that each get a reserved `<|lang:xx|>` special token, after
+    # the fixed roles (their ids never move); `tokens.language_tags` starts documents with them.
+    language_tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        # WordPiece holds the 256 byte symbols twice (word-initial and continuation), 13 roles, 100 sentinels.
-        least = {"wordpiece": 13 + 2 * 256 + 100}.get(self.kind, 0)
+        self._check_language_tags()
+        # WordPiece holds the 256 byte symbols twice (word-initial and continuation), 13 roles, the
+        # language tags and 100 sentinels.
+        least = {"wordpiece": 13 + len(self.language_tags) + 2 * 256 + 100}.get(self.kind, 0)
         if self.vocab_size < least:
             raise ConfigError(f"tokenizer.vocab_size: {self.kind} needs at least {least} (got {self.vocab_size})")
         if self.kind == "unigram" and self.cjk == "chars":
             # HF's Unigram trainer seeds pieces from substrings repeated across distinct pre-tokens; a
             # one-ideograph pre-token is inside no other, so no ideograph would ever get a token.
             raise ConfigError("tokenizer.cjk: 'chars' does not work with kind 'unigram' (no ideograph is learned)")
+
+    def _check_language_tags(self) -> None:
+        # Codes name tokens (`<|lang:xx|>`) and match the langid filter's meta["language"]: lowercase,
+        # nothing that could end the token early, each once (a repeated token would shift no id but
+        # would be reserved twice).
+        seen: set[str] = set()
+        for code in self.language_tags:
+            if not (isinstance(code, str) and code and all(c.isascii() and (c.isalnum() or c in "-_") for c in code)
+                    and code == code.lower()):
+                raise ConfigError(f"tokenizer.language_tags: {code!r} is not a language code (lowercase letters, "
+                                  "digits, '-' or '_', like en, zh, pt-br)")
+            if code in seen:
+                raise ConfigError(f"tokenizer.language_tags: {code!r} is listed twice")
+            seen.add(code)
+        if self.language_tags and self.from_:
+            raise ConfigError("tokenizer.language_tags: only for a tokenizer lmforge trains; tokenizer.from's "
+                              "tags are inferred from its own special tokens (<|lang:xx|>, <|xx|>, en_XX, __xx__)")
 
 
 @dataclass
@@ -110,7 +132,7 @@ class MixtureConfig:
 
     weights: dict[str, float] = field(default_factory=dict)  # source -> share of tokens; {} -> temperature
     temperature: float = 1.0  # without weights: p ∝ n^(1/T) for a source of n tokens (1: natural shares)
-    max_epochs: float = 4.0  # warn when a source starts more epochs than this (0: never)
+    max_epochs: float = 4.0  # warn each time a source passes this many epochs, then one more, ... (0: never)
 
 
 @dataclass
@@ -135,6 +157,9 @@ class TokensConfig:
     length_buckets: bool = False
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     curriculum: list[CurriculumStage] = field(default_factory=list)  # empty: one stage, `mixture`
+    # Start each document with its language's tag (the langid filter's meta["language"]); documents in
+    # a language without a tag, or with none, get no tag. Needs tokenizer.language_tags.
+    language_tags: bool = False
 
 
 # ---------------------------------------------------------------- sections chosen by name

@@ -115,7 +115,7 @@ def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     from lmforge.tokenizer.fast_encode import usable_cpus
     from lmforge.tokenizer.tiktoken_file import stage_encoder
     from lmforge.tokenizer.train import tokenizer_hash
-    from lmforge.tokens.token_sets import tokenize_splits
+    from lmforge.tokens.token_sets import LANGUAGE_META_KEY, LanguageTagger, tokenize_splits
 
     paths = RunPaths(cfg.out)
     # tiktoken when it reproduces this tokenizer exactly, else `tokenizers`; either way a document
@@ -130,8 +130,17 @@ def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         print(f"tokenize: encoding with {encoder.backend} on {workers} thread(s) ({encoder.reason})")
     inputs = {split: shard_paths(_need(paths.data / split, "data")) for split in ("train", "val")}
     read_text = functools.partial(read_documents, meta=False)  # the stage needs id, text and source
+    tagger = None
+    if cfg.tokens.language_tags:
+        if not special.lang_tags:
+            raise ConfigError(f"tokens.language_tags: the tokenizer {paths.tokenizer} has no language tags; set "
+                              "tokenizer.language_tags (e.g. [en, zh]) and rerun `lmforge tokenizer`")
+        tagger = LanguageTagger(special.lang_tags)
+        # ...and the one meta value the tags need, at the same parsing cost
+        read_text = functools.partial(read_documents, meta=False, meta_key=LANGUAGE_META_KEY)
     out = tokenize_splits(inputs, read_text, encoder.encode_arrays, paths.tokens, sha256, vocab_size, eos,
-                          workers, dtype=cfg.tokens.dtype, progress=progress, encode_joined=encoder.encode_joined)
+                          workers, dtype=cfg.tokens.dtype, progress=progress, encode_joined=encoder.encode_joined,
+                          tagger=tagger)
     return {**out, "encoder": encoder.backend}
 
 
@@ -359,8 +368,10 @@ def _zero_shot(cfg: RunConfig, paths: RunPaths, model: torch.nn.Module, trained:
     return out
 
 
-def stage_generate(cfg: RunConfig, prompt: str | None = None, fill_mask: str | None = None) -> dict[str, Any]:
-    """Sample from the trained model; `fill_mask` is for encoders (text with [MASK] placeholders)."""
+def stage_generate(cfg: RunConfig, prompt: str | None = None, fill_mask: str | None = None,
+                   lang: str | None = None) -> dict[str, Any]:
+    """Sample from the trained model; `fill_mask` is for encoders (text with [MASK] placeholders);
+    `lang` starts a decoder's prompt with that language's tag (tokens.language_tags)."""
     from lmforge.train.trainer import resolve_device
 
     model, _, ckpt = load_trained(cfg)
@@ -369,13 +380,14 @@ def stage_generate(cfg: RunConfig, prompt: str | None = None, fill_mask: str | N
             raise ConfigError(f"--fill-mask needs an encoder (model.arch=encoder); this run trained {model.cfg.arch!r}")
         prompt = fill_mask
     device = resolve_device(cfg.train.device)
-    return {"checkpoint": str(ckpt), "text": _sample(cfg, model.to(device), device, prompt)}
+    return {"checkpoint": str(ckpt), "text": _sample(cfg, model.to(device), device, prompt, lang)}
 
 
-def _sample(cfg: RunConfig, model: torch.nn.Module, device: torch.device, prompt: str | None = None) -> str:
+def _sample(cfg: RunConfig, model: torch.nn.Module, device: torch.device, prompt: str | None = None,
+            lang: str | None = None) -> str:
     """What the family does with a prompt: a decoder continues it, an encoder-decoder answers it (its
     input), an encoder fills its [MASK] placeholders."""
-    from lmforge.tokenizer.special_tokens import load_special_tokens
+    from lmforge.tokenizer.special_tokens import MissingRoleError, load_special_tokens
     from lmforge.tokenizer.train import load_tokenizer
 
     g = cfg.eval.generate
@@ -384,6 +396,13 @@ def _sample(cfg: RunConfig, model: torch.nn.Module, device: torch.device, prompt
     text = g.prompt if prompt is None else prompt
     special = load_special_tokens(path, tok)
     family = model.cfg.family
+    if lang is not None:  # checked before sampling: a wrong code is the command's fault
+        if family != "decoder":
+            raise ConfigError(f"--lang: starts a decoder's prompt; this run trained a {family} ({model.cfg.arch!r})")
+        try:
+            special.lang_tag_id(lang, "--lang")
+        except MissingRoleError as e:
+            raise ConfigError(str(e)) from None
     if family == "encoder":
         from lmforge.eval.fill_mask import PLACEHOLDER, fill_mask
 
@@ -399,7 +418,7 @@ def _sample(cfg: RunConfig, model: torch.nn.Module, device: torch.device, prompt
         return generate_seq2seq(model, tok, text, special, **sampling)
     from lmforge.eval.generate import generate
 
-    return generate(model, tok, text, special=special, **sampling)
+    return generate(model, tok, text, special=special, lang=lang, **sampling)
 
 
 def stage_export(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:

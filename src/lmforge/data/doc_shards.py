@@ -101,17 +101,19 @@ class ShardReadError(ValueError):
     line when one line is at fault."""
 
 
-def read_documents(where: str | Path, meta: bool = True) -> Iterator[Document]:
+def read_documents(where: str | Path, meta: bool = True, meta_key: str | None = None) -> Iterator[Document]:
     """Documents written by ShardWriter, shard by shard in order.
 
     Our own shards hold only what ShardWriter wrote, so unlike user inputs nothing is quarantined:
     a damaged shard means the data stage's output is broken, and raises ShardReadError.
     meta=False reads id, text and source only (meta left empty), parsed by orjson: what the tokenize
     stage reads while its encoder threads fill the cores, so parsing time is taken from encoding.
+    `meta_key` (with meta=False) keeps that one meta value when a document has it, parsed the same
+    cheap way: the tokenize stage's language tags need meta["language"] and nothing else.
     """
     for path in shard_paths(where):
         for line_no, raw in _shard_lines(path):
-            yield _shard_document(path, line_no, raw, meta)
+            yield _shard_document(path, line_no, raw, meta, meta_key)
 
 
 def _shard_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -132,18 +134,25 @@ def _shard_lines(path: Path) -> Iterator[tuple[int, bytes]]:
         raise ShardReadError(f"{path}: truncated: the shard holds no documents; rerun `lmforge data`")
 
 
-def _shard_document(path: Path, line_no: int, raw: bytes, meta: bool = True) -> Document:
+def _shard_document(path: Path, line_no: int, raw: bytes, meta: bool = True, key: str | None = None) -> Document:
     try:
         rec = _parse_record(raw, meta)
     except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError included
         raise ShardReadError(f"{path}:{line_no}: invalid JSON: {e}") from e
     try:  # the checks only once something is wrong: this runs per document while encoders wait
-        return Document(rec["id"], rec["text"], rec["source"], rec.get("meta", {}) if meta else {})
+        return Document(rec["id"], rec["text"], rec["source"],
+                        rec.get("meta", {}) if meta else {} if key is None else _one_value(rec, key))
     except (KeyError, TypeError, AttributeError):
         if not isinstance(rec, dict):
             raise ShardReadError(f"{path}:{line_no}: record is a JSON {type(rec).__name__}, not an object") from None
         missing = [k for k in ("id", "text", "source") if k not in rec]
         raise ShardReadError(f"{path}:{line_no}: record lacks {', '.join(map(repr, missing))}") from None
+
+
+def _one_value(rec: dict[str, Any], key: str) -> dict[str, Any]:
+    """{key: rec["meta"][key]} when the record has it, else {}."""
+    value = rec.get("meta", {}).get(key)
+    return {} if value is None else {key: value}
 
 
 def _parse_record(raw: bytes, meta: bool) -> Any:

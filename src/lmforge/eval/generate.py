@@ -160,11 +160,15 @@ class DecoderSteps:
         return self.model(ids, **kwargs)[:, -1]
 
 
-def document_start(special: SpecialTokens) -> list[int]:
+def document_start(special: SpecialTokens, lang: str | None = None) -> list[int]:
     """What a prompt starts with so it reads as the start of a training document: the token sequences
     write every document followed by EOS (tokens/shards.py) with no BOS, so inside the training stream
-    each document's first token follows EOS. (It also gives an empty prompt a context.)"""
-    return [special.eos]
+    each document's first token follows EOS. (It also gives an empty prompt a context.) With `lang`,
+    that language's tag follows, as tokens.language_tags starts each training document with it: a
+    model trained so continues in that language. An unknown code raises MissingRoleError listing the tags."""
+    if lang is None:
+        return [special.eos]
+    return [special.eos, special.lang_tag_id(lang, "generate --lang")]
 
 
 @torch.no_grad()
@@ -212,12 +216,14 @@ def generate_batch(
     repetition_penalty: float = 1.0,
     stop: Sequence[str] = (),
     use_cache: bool = True,
+    lang: str | None = None,
 ) -> list[str]:
     """The continuation of each prompt (without the prompt), ending before EOS or the first stop
-    string, or after max_new_tokens. Prompt i samples with seed + i, so it gets what it would alone."""
+    string, or after max_new_tokens. Prompt i samples with seed + i, so it gets what it would alone.
+    `lang`: a language code of the tokenizer's tags; its tag starts every prompt (document_start)."""
     sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
     special = special or infer_special_tokens(tokenizer)
-    start = document_start(special)
+    start = document_start(special, lang)
     ids = [start + tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
     new = generate_ids(model, ids, special.eos, sampling, max_new_tokens, seed, device, use_cache,
                        stop_at(stop, tokenizer))
@@ -238,7 +244,8 @@ def generate(
     repetition_penalty: float = 1.0,
     stop: Sequence[str] = (),
     use_cache: bool = True,
+    lang: str | None = None,
 ) -> str:
     """One prompt's continuation; see generate_batch."""
     return generate_batch(model, tokenizer, [prompt], special, max_new_tokens, temperature, top_k, top_p, seed,
-                          device, repetition_penalty, stop, use_cache)[0]
+                          device, repetition_penalty, stop, use_cache, lang)[0]

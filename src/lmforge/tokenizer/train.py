@@ -34,9 +34,9 @@ from lmforge.data.document import Document
 from lmforge.io_utils import atomic_write_bytes, atomic_write_text
 from lmforge.tokenizer.special_tokens import (
     SENTINEL_TOKENS,
-    SPECIAL_TOKENS,
     infer_special_tokens,
     load_special_tokens,
+    reserved_tokens,
     save_special_tokens,
 )
 
@@ -115,7 +115,8 @@ def _model_trainer_decoder(cfg: TokenizerConfig, progress: bool) -> tuple[Any, A
     common: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size - len(SENTINEL_TOKENS),  # the sentinels take the top ids
         show_progress=progress,
-        special_tokens=list(SPECIAL_TOKENS),
+        # The fixed roles, then the language tags: appended, so every role keeps its id.
+        special_tokens=list(reserved_tokens(cfg.language_tags)),
         # All 256 byte symbols, seen or not, so text unlike the training set still encodes.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -153,19 +154,21 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_path: Path, 
     tokenizer.pre_tokenizer = build_pre_tokenizer(cfg)
     tokenizer.decoder = decoder
     tokenizer.train_from_iterator(_take_bytes(texts, cfg.max_train_bytes), trainer=trainer)
+    reserved = reserved_tokens(cfg.language_tags)
     if cfg.kind == "wordpiece":
-        _complete_wordpiece(tokenizer, cfg.vocab_size - len(SENTINEL_TOKENS))
+        _complete_wordpiece(tokenizer, cfg.vocab_size - len(SENTINEL_TOKENS), frozenset(reserved))
     # T5 numbering: appended from <extra_id_99> down, so <extra_id_0> is the highest id.
     tokenizer.add_special_tokens(list(SENTINEL_TOKENS))
     special = infer_special_tokens(tokenizer, where=f"trained tokenizer {out_path}")
-    for expected, token in enumerate(SPECIAL_TOKENS):
+    for expected, token in enumerate(reserved):
         assert tokenizer.token_to_id(token) == expected, f"special token {token!r} moved"
+    assert list(special.lang_tags) == sorted(cfg.language_tags), "a language tag was not reserved"
     atomic_write_text(Path(out_path), tokenizer.to_str(pretty=True))
     save_special_tokens(special, Path(out_path))
     return tokenizer
 
 
-def _complete_wordpiece(tokenizer: Tokenizer, size: int) -> None:
+def _complete_wordpiece(tokenizer: Tokenizer, size: int, reserved: frozenset[str]) -> None:
     """Add the continuation form of every byte symbol the trainer did not learn (else a word with an
     unseen byte past its first symbol could not encode), dropping the newest learned tokens to keep
     `size`; ids stay dense, and roles and the alphabet keep theirs."""
@@ -179,7 +182,7 @@ def _complete_wordpiece(tokenizer: Tokenizer, size: int) -> None:
     for i in reversed(range(len(tokens))):
         if drop <= 0:
             break
-        if tokens[i] not in SPECIAL_TOKENS and len(tokens[i].removeprefix(WORDPIECE_PREFIX)) > 1:
+        if tokens[i] not in reserved and len(tokens[i].removeprefix(WORDPIECE_PREFIX)) > 1:
             tokens[i], drop = "", drop - 1
     kept = [t for t in tokens if t] + missing
     tokenizer.model = _wordpiece({t: i for i, t in enumerate(kept)})

@@ -7,7 +7,7 @@ import bisect
 import io
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -300,6 +300,8 @@ class Packed:
     lengths: list[int]  # tokens per document, EOS included
     n_bytes: list[int]  # UTF-8 bytes per document
     counts: np.ndarray  # how often each id occurs in `tokens`, [vocab_size]
+    # tokens.language_tags: documents per tag code ("" for those with no tag); empty when off
+    tag_counts: dict[str, int] = field(default_factory=dict)
 
 
 def pack(

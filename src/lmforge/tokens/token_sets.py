@@ -6,6 +6,10 @@ input shard every source's open token shard is finished and `tokens/{split}/prog
 what is done (atomically); a killed run re-encodes only the input shards after that point. The
 split manifest `tokens/{split}.json` is written last and lists every source with its token, document
 and byte counts, bytes/token and the checksum of its set manifest.
+
+With a LanguageTagger (tokens.language_tags) each document's tokens start with its language's tag, before
+its text's tokens and so inside the document (its EOS still ends it); the manifest then records the
+tag map and, per source, how many documents got each tag and how many got none.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from tqdm import tqdm
 
 from lmforge.data.document import Document
 from lmforge.io_utils import atomic_write_json
+from lmforge.tokenizer.special_tokens import language_lookup
 from lmforge.tokens.shard_writer import Packed, ShardWriter, doc_batches, pack, pack_joined
 from lmforge.tokens.shards import ShardError, TokenDataset, choose_dtype, set_manifest_path
 
@@ -39,6 +44,28 @@ SPLIT_VERSION = 1
 Encode = Callable[[list[str]], Sequence[Sequence[int] | np.ndarray]]
 # texts, separator id -> every text's ids followed by the separator, and each one's length with it
 EncodeJoined = Callable[[list[str], int], tuple[np.ndarray, list[int]]]
+
+
+LANGUAGE_META_KEY = "language"  # what the data stage's langid filter writes (data/filters/langid.py)
+
+
+class LanguageTagger:
+    """Which tag starts each document: the one for its meta["language"] (language_lookup: a tag's own
+    code, or `en` for a lone foreign `en_XX`), or none for a language without a tag or no language."""
+
+    def __init__(self, tags: dict[str, int]) -> None:
+        self.tags = dict(tags)  # code -> id, recorded in the manifests
+        self._ids = language_lookup(tags)
+        self._codes = {token_id: code for code, token_id in tags.items()}
+
+    def __call__(self, docs: list[Document]) -> tuple[list[int | None], dict[str, int]]:
+        """Each document's tag id (None: no tag) and documents per tag code ("" for untagged)."""
+        ids = [self._ids.get(d.meta.get(LANGUAGE_META_KEY)) for d in docs]
+        counts: dict[str, int] = {}
+        for token_id in ids:
+            code = "" if token_id is None else self._codes[token_id]
+            counts[code] = counts.get(code, 0) + 1
+        return ids, counts
 
 
 def split_manifest_path(tokens_dir: Path, split: str) -> Path:
@@ -83,26 +110,32 @@ def tokenize_split(
     ahead: int = 2,
     stop: threading.Event | None = None,
     encode_joined: EncodeJoined | None = None,
+    tagger: LanguageTagger | None = None,
 ) -> dict[str, Any]:
     """Encode the documents of `inputs` (document shards, read by `read`) into one token set per
     source; resume after the last finished input shard when progress.json matches. Returns the
     split manifest. `encode` runs on the `encoders` threads (None: one of its own), which splits
     tokenized together may share, with up to `ahead` batches queued; `encode_joined`, the same
     encoder joining a source's texts with EOS itself, is used instead when given. Setting `stop`
-    (another split failed) ends it at its next batch with TokenizeStopped."""
+    (another split failed) ends it at its next batch with TokenizeStopped. `tagger`: start documents
+    with their language's tag (the documents read must carry meta["language"])."""
     tokens_dir = Path(tokens_dir)
     out_dir = tokens_dir / split
     split_manifest_path(tokens_dir, split).unlink(missing_ok=True)  # incomplete from here on
     keys = _InputKeys(inputs)
     identity = {"tokenizer_sha256": tokenizer_sha256, "vocab_size": vocab_size, "dtype": dtype, "eos_id": eos_id}
+    if tagger is not None:  # only then: untagged manifests stay as they were
+        identity["language_tags"] = tagger.tags
     state = _load_progress(out_dir, identity, keys)
     if state is None and out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = state["done"] if state else 0
     writers: dict[str, ShardWriter] = {}
+    # source -> tag code ("" none) -> documents; resumed from progress.json with the writers
+    tag_counts: dict[str, dict[str, int]] = state.get(_TAG_COUNTS, {}) if state else {}
     packer = functools.partial(_encode_packed, encode, eos_id=eos_id, vocab_size=vocab_size,
-                               dtype=choose_dtype(vocab_size, dtype), joined=encode_joined)
+                               dtype=choose_dtype(vocab_size, dtype), joined=encode_joined, tagger=tagger)
 
     def writer(source: str) -> ShardWriter:
         if source not in writers:
@@ -123,15 +156,18 @@ def tokenize_split(
                         raise TokenizeStopped(f"tokenize {split}: stopped because another split failed")
                     for source, packed in groups.items():
                         writer(source).add_packed(packed, source)
+                        for code, n in packed.tag_counts.items():
+                            counts = tag_counts.setdefault(source, {})
+                            counts[code] = counts.get(code, 0) + n
                     bar.update(len(batch))
                 if k + 1 < len(inputs):  # after the last one the writers finish their sets below
-                    _checkpoint(out_dir, identity, keys, k + 1, writers)
+                    _checkpoint(out_dir, identity, keys, k + 1, writers, tag_counts)
     except BaseException:
         for w in writers.values():
             w.__exit__(RuntimeError, None, None)  # drops the open shard's temporary file only
         raise
     _finish(writers.values())
-    manifest = _split_manifest(split, identity, writers)
+    manifest = _split_manifest(split, identity, writers, tag_counts if tagger is not None else None)
     atomic_write_json(split_manifest_path(tokens_dir, split), manifest)
     (out_dir / "progress.json").unlink(missing_ok=True)
     return manifest
@@ -149,6 +185,7 @@ def tokenize_splits(
     dtype: str = "auto",
     progress: bool = True,
     encode_joined: EncodeJoined | None = None,
+    tagger: LanguageTagger | None = None,
 ) -> dict[str, dict[str, Any]]:
     """`tokenize_split` of every split in `inputs`, side by side on one pool of `workers` encoder
     threads: the cores never idle while one split reads its first batch or finishes its sets (val,
@@ -161,7 +198,7 @@ def tokenize_splits(
         try:
             return tokenize_split(inputs[split], read, encode, tokens_dir, split, tokenizer_sha256, vocab_size,
                                   eos_id, dtype=dtype, progress=progress, encoders=encoders, ahead=2 * workers,
-                                  stop=stop, encode_joined=encode_joined)
+                                  stop=stop, encode_joined=encode_joined, tagger=tagger)
         except BaseException:
             stop.set()
             raise
@@ -182,7 +219,7 @@ def tokenize_splits(
 
 def _encode_packed(
     encode: Encode, batch: list[Document], eos_id: int, vocab_size: int, dtype: np.dtype,
-    joined: EncodeJoined | None = None,
+    joined: EncodeJoined | None = None, tagger: LanguageTagger | None = None,
 ) -> dict[str, Packed]:
     """A batch's documents encoded and packed per source, in order: on an encoder thread, so the
     concatenating, counting and casting of a flush overlap the encoding instead of adding to it.
@@ -190,6 +227,8 @@ def _encode_packed(
     groups: dict[str, list[Document]] = {}
     for doc in batch:
         groups.setdefault(doc.source, []).append(doc)
+    if tagger is not None:  # its own function: the untagged path below stays as tuned
+        return _encode_tagged(encode, batch, groups, eos_id, vocab_size, dtype, joined, tagger)
     if joined is not None:
         return {source: pack_joined(*joined([d.text for d in docs], eos_id), [d.n_bytes for d in docs], eos_id,
                                     vocab_size, dtype) for source, docs in groups.items()}
@@ -197,6 +236,37 @@ def _encode_packed(
     by_doc = {id(doc): next(ids) for doc in batch}  # each document's ids, whatever its source
     return {source: pack([by_doc[id(d)] for d in docs], [d.n_bytes for d in docs], eos_id, vocab_size, dtype)
             for source, docs in groups.items()}
+
+
+def _encode_tagged(
+    encode: Encode, batch: list[Document], groups: dict[str, list[Document]], eos_id: int, vocab_size: int,
+    dtype: np.dtype, joined: EncodeJoined | None, tagger: LanguageTagger,
+) -> dict[str, Packed]:
+    """_encode_packed with each document's tag id first; both encoder paths give the same tokens."""
+    if joined is None:
+        ids = iter(encode([d.text for d in batch]))
+        by_doc = {id(doc): next(ids) for doc in batch}
+    out = {}
+    for source, docs in groups.items():
+        tags, counts = tagger(docs)
+        n_bytes = [d.n_bytes for d in docs]  # the text's: a tag, like EOS, carries no bytes
+        if joined is not None:
+            out[source] = pack_joined(*_prefix_joined(*joined([d.text for d in docs], eos_id), tags), n_bytes,
+                                      eos_id, vocab_size, dtype)
+        else:
+            out[source] = pack([by_doc[id(d)] if t is None else np.concatenate(([t], by_doc[id(d)]), dtype=np.int64)
+                                for d, t in zip(docs, tags, strict=True)], n_bytes, eos_id, vocab_size, dtype)
+        out[source].tag_counts = counts
+    return out
+
+
+def _prefix_joined(tokens: np.ndarray, lengths: list[int], tags: list[int | None]) -> tuple[np.ndarray, list[int]]:
+    """Joined documents (each followed by EOS) with tag i inserted at document i's start."""
+    at = [int(start) for start, t in zip(np.cumsum([0, *lengths[:-1]]), tags, strict=True) if t is not None]
+    if not at:
+        return tokens, lengths
+    tokens = np.insert(tokens, at, np.array([t for t in tags if t is not None], dtype=tokens.dtype))
+    return tokens, [n + (t is not None) for n, t in zip(lengths, tags, strict=True)]
 
 
 def _encoded(
@@ -241,12 +311,18 @@ def _check_source_name(source: str) -> None:
         raise ValueError(f"source name {source!r} cannot name a token set (no '/', '\\', NUL, '.', '..', 'progress')")
 
 
-def _checkpoint(out_dir: Path, identity: dict, keys: _InputKeys, done: int, writers: dict[str, ShardWriter]) -> None:
+_TAG_COUNTS = "language_tag_counts"  # progress.json's key for the tag counts so far
+
+
+def _checkpoint(out_dir: Path, identity: dict, keys: _InputKeys, done: int, writers: dict[str, ShardWriter],
+                tag_counts: dict[str, dict[str, int]]) -> None:
     sources = {}
     for name, w in writers.items():
         w.roll()
         sources[name] = {**w.progress(), "counts_xxh64": w.save_counts(partial=True)}
     state = {**identity, "inputs": keys.first(done), "done": done, "sources": sources}
+    if "language_tags" in identity:
+        state[_TAG_COUNTS] = tag_counts
     atomic_write_json(out_dir / "progress.json", state)
 
 
@@ -262,7 +338,9 @@ def _load_progress(out_dir: Path, identity: dict, keys: _InputKeys) -> dict[str,
     done = state.get("done") if isinstance(state, dict) else None
     if not isinstance(done, int) or not 0 <= done <= len(keys.inputs):
         return None
-    same = all(state.get(k) == v for k, v in identity.items()) and state.get("inputs") == keys.first(done)
+    # Both ways for the tags: a tagged run's progress must not resume an untagged run, nor the reverse.
+    same = all(state.get(k) == v for k, v in identity.items()) and state.get("inputs") == keys.first(done) \
+        and state.get("language_tags") == identity.get("language_tags")
     # A crash between saving a source's counts and progress.json leaves counts of a later point.
     counts_ok = all(
         (out_dir / f"{name}.counts.partial.npy").is_file()
@@ -272,7 +350,8 @@ def _load_progress(out_dir: Path, identity: dict, keys: _InputKeys) -> dict[str,
     return state if same and counts_ok else None
 
 
-def _split_manifest(split: str, identity: dict, writers: dict[str, ShardWriter]) -> dict[str, Any]:
+def _split_manifest(split: str, identity: dict, writers: dict[str, ShardWriter],
+                    tag_counts: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
     sources = {}
     for name in sorted(writers):
         w = writers[name]
@@ -285,6 +364,13 @@ def _split_manifest(split: str, identity: dict, writers: dict[str, ShardWriter])
             "bytes_per_token": w.summary["bytes_per_token"],
             "set_xxh64": xxhash.xxh64(set_path.read_bytes()).hexdigest(),
         }
+        if tag_counts is not None:
+            counts = tag_counts.get(name, {})
+            tagged = {code: n for code, n in sorted(counts.items()) if code}
+            sources[name]["language_tags"] = {"tagged": tagged, "untagged": counts.get("", 0)}
+            # Text tokens only, as ShardWriter counts them: tags, like EOS, carry no bytes.
+            text_tokens = w.summary["n_tokens"] - w.summary["n_docs"] - sum(tagged.values())
+            sources[name]["bytes_per_token"] = w.summary["n_bytes"] / text_tokens if text_tokens > 0 else 0.0
     totals = {k: sum(s[k] for s in sources.values()) for k in ("n_tokens", "n_docs", "n_bytes")}
     return {"format": SPLIT_FORMAT, "version": SPLIT_VERSION, "split": split, **identity, **totals,
             "sources": sources}
