@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,44 +13,7 @@ import torch
 
 from lmforge.config import ConfigError, CurriculumStage, RunConfig, save_config, to_dict
 from lmforge.io_utils import atomic_write_json
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where each stage reads and writes inside out_dir."""
-
-    root: Path
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / "tokenizer" / "tokenizer.json"
-
-    @property
-    def tokens(self) -> Path:
-        return self.root / "tokens"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval.json"
-
-
-def _need(path: Path, stage: str) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `lmforge {stage}` first (or `lmforge run`)")
-    return path
-
+from lmforge.run_dir import RunPaths, load_trained, need, objective_for, open_datasets
 
 # ---------------------------------------------------------------------------- data
 
@@ -72,8 +34,8 @@ def stage_tokenizer(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         return {"path": str(paths.tokenizer), "vocab_size": tok.get_vocab_size(), "from": cfg.tokenizer.from_,
                 "tiktoken": _export_tiktoken(paths.tokenizer, progress),
                 "bytes_per_token": _bytes_per_token(paths, tok, progress)}
-    docs = read_documents(_need(paths.data / "train", "data"), meta=False)  # texts are what it trains on
-    ledger = json.loads(_need(paths.data / "ledger.json", "data").read_text(encoding="utf-8"))
+    docs = read_documents(need(paths.data / "train", "data"), meta=False)  # texts are what it trains on
+    ledger = json.loads(need(paths.data / "ledger.json", "data").read_text(encoding="utf-8"))
     corpus_bytes = ledger["totals"]["bytes_kept"]
     rate = min(1.0, 1.1 * cfg.tokenizer.max_train_bytes / max(corpus_bytes, 1))  # 10% slack; the budget caps it
     texts = spread_sample(docs, rate, cfg.seed)
@@ -122,13 +84,13 @@ def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     # quoting "<|endoftext|>" encodes it as text, never as a real EOS that would split it in two.
     # One thread per encode call and the stage's own worker threads: tiktoken releases the GIL, so
     # workers overlap; `tokenizers` parallelises inside its own call, so it gets one.
-    sha256 = tokenizer_hash(_need(paths.tokenizer, "tokenizer"))  # the export is checked against it, sets record it
+    sha256 = tokenizer_hash(need(paths.tokenizer, "tokenizer"))  # the export is checked against it, sets record it
     encoder, vocab_size, special = stage_encoder(paths.tokenizer, threads=1, sha256=sha256)
     eos = special.eos
     workers = (cfg.tokens.threads or usable_cpus()) if encoder.backend == "tiktoken" else 1
     if progress:
         print(f"tokenize: encoding with {encoder.backend} on {workers} thread(s) ({encoder.reason})")
-    inputs = {split: shard_paths(_need(paths.data / split, "data")) for split in ("train", "val")}
+    inputs = {split: shard_paths(need(paths.data / split, "data")) for split in ("train", "val")}
     read_text = functools.partial(read_documents, meta=False)  # the stage needs id, text and source
     tagger = None
     if cfg.tokens.language_tags:
@@ -145,19 +107,6 @@ def stage_tokenize(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- model
-
-
-def _datasets(paths: RunPaths) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train and val token sets, {source: TokenDataset} each, checked against the run's tokenizer."""
-    from lmforge.tokenizer.train import tokenizer_hash
-    from lmforge.tokens.token_sets import open_split
-
-    _need(paths.tokens, "tokenize")
-    train, val = open_split(paths.tokens, "train"), open_split(paths.tokens, "val")
-    digest = tokenizer_hash(_need(paths.tokenizer, "tokenizer"))
-    for ds in [*train.values(), *val.values()]:
-        ds.check_tokenizer(digest)
-    return train, val
 
 
 def build_loader(cfg: RunConfig, sources: dict[str, Any], objective: Any, rank: int = 0, world_size: int = 1) -> Any:
@@ -180,19 +129,6 @@ def build_loader(cfg: RunConfig, sources: dict[str, Any], objective: Any, rank: 
                         max_epochs=plan[0].mixture.max_epochs)
 
 
-def objective_for(cfg: RunConfig, trained: RunConfig | None = None) -> Any:
-    """The objective `trained` (default: `cfg`) names, built with the run's tokenizer roles."""
-    from lmforge.objectives import ObjectiveContext, build_objective
-    from lmforge.tokenizer.special_tokens import load_special_tokens
-    from lmforge.tokenizer.train import load_tokenizer
-
-    trained = trained or cfg
-    path = _need(RunPaths(cfg.out).tokenizer, "tokenizer")
-    tok = load_tokenizer(path)
-    ctx = ObjectiveContext(load_special_tokens(path, tok), trained.model.vocab_size, cfg.seed, tok)
-    return build_objective(trained.objective, ctx)
-
-
 def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
     from lmforge.tokenizer.train import load_tokenizer
     from lmforge.train.checkpoint import find_latest, read_state
@@ -205,7 +141,7 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
     paths = RunPaths(cfg.out)
     d = setup(cfg.train.parallel.mode, resolve_device(cfg.train.device))
     _share_batch(cfg, d.data_world)
-    train_ds, val_ds = _datasets(paths)
+    train_ds, val_ds = open_datasets(paths)
     imported = import_init_from(cfg)
     tokenizer_vocab = load_tokenizer(paths.tokenizer).get_vocab_size()
     if imported is not None and cfg.model.vocab_size < tokenizer_vocab:
@@ -280,24 +216,6 @@ def _share_batch(cfg: RunConfig, data_world: int) -> None:
     tc.grad_accum //= data_world
 
 
-def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, RunConfig, Path]:
-    """The model of `eval.checkpoint` (default: the latest), built from the config saved with it;
-    returns that saved config too (its model and objective are the ones trained)."""
-    from lmforge.models import build_model
-    from lmforge.train.checkpoint import find_latest, load_weights, read_state
-
-    paths = RunPaths(cfg.out)
-    ckpt = Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else find_latest(paths.checkpoints)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {paths.checkpoints}: run `lmforge train` first")
-    from lmforge.recipe import config_from_dict
-
-    trained = config_from_dict(read_state(_need(ckpt, "train"))["config"])
-    model = build_model(trained.model)
-    load_weights(ckpt, model)
-    return model.eval(), trained, ckpt
-
-
 # ---------------------------------------------------------------------------- eval and use
 
 
@@ -312,7 +230,7 @@ def stage_eval(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     paths = RunPaths(cfg.out)
     model, trained, ckpt = load_trained(cfg)
     device = resolve_device(cfg.train.device)
-    train_ds, val_ds = _datasets(paths)
+    train_ds, val_ds = open_datasets(paths)
     objective = objective_for(cfg, trained)
 
     def score(m: torch.nn.Module) -> dict[str, Any]:
@@ -391,7 +309,7 @@ def _sample(cfg: RunConfig, model: torch.nn.Module, device: torch.device, prompt
     from lmforge.tokenizer.train import load_tokenizer
 
     g = cfg.eval.generate
-    path = _need(RunPaths(cfg.out).tokenizer, "tokenizer")
+    path = need(RunPaths(cfg.out).tokenizer, "tokenizer")
     tok = load_tokenizer(path)
     text = g.prompt if prompt is None else prompt
     special = load_special_tokens(path, tok)
@@ -431,7 +349,7 @@ def stage_export(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     model, trained, ckpt = load_trained(cfg)
     exporter = exporter_for(trained.model, trained.objective)
     out_dir = Path(cfg.export.dir) if cfg.export.dir else cfg.out / "export" / "hf"
-    path = exporter.export(model, trained.model, _need(paths.tokenizer, "tokenizer"), out_dir, cfg.eval.generate)
+    path = exporter.export(model, trained.model, need(paths.tokenizer, "tokenizer"), out_dir, cfg.eval.generate)
     result: dict[str, Any] = {"path": str(path), "checkpoint": str(ckpt), "format": exporter.name}
     if cfg.export.verify:
         # Compare against our own tokenizer, not the exported copy, so a lossy export cannot pass.

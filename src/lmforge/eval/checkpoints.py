@@ -33,13 +33,13 @@ def checkpoint_list(root: Path, wanted: list[str]) -> list[Path]:
 
 def evaluate_checkpoints(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     from lmforge.eval.perplexity import evaluate_sources
-    from lmforge.stages import RunPaths, _datasets, load_trained, objective_for
+    from lmforge.run_dir import RunPaths, load_trained, objective_for, open_datasets
     from lmforge.train.checkpoint import read_state
     from lmforge.train.trainer import resolve_device
 
     paths = RunPaths(cfg.out)
     device = resolve_device(cfg.train.device)
-    _, val_ds = _datasets(paths)
+    _, val_ds = open_datasets(paths)
     rows = []
     for ckpt in checkpoint_list(paths.checkpoints, cfg.eval.checkpoints):
         one = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, checkpoint=str(ckpt), checkpoints=[]))

@@ -57,7 +57,7 @@ def finetune(
     """Fine-tune `run` (its config, or its out_dir) on `train_jsonl`, hold out `holdout` of each
     class, and save the result to `out_dir` (replaced whole, atomically). Returns the metrics:
     accuracy, confusion, labels, train_loss (mean per epoch), n_train, n_heldout, out_dir."""
-    from lmforge.stages import RunPaths, load_trained
+    from lmforge.run_dir import RunPaths, load_trained
 
     cfg = _run_config(run)
     out_dir = _check_out_dir(Path(out_dir), cfg.out)

@@ -79,12 +79,12 @@ def tokenizer_report(cfg: RunConfig, split: str = "val", max_bytes_per_source: i
     """Bytes/token per source of the run's tokenizer on its clean `split` documents (val: text the
     tokenizer was not trained on). Returns {"tokenizer", "split", "sources": rows, "table"}."""
     from lmforge.data.doc_shards import read_documents
-    from lmforge.stages import RunPaths, _need
+    from lmforge.run_dir import RunPaths, need
     from lmforge.tokenizer.train import load_tokenizer
 
     paths = RunPaths(cfg.out)
-    tokenizer = load_tokenizer(_need(paths.tokenizer, "tokenizer"))
-    docs = read_documents(_need(paths.data / split, "data"), meta=False)
+    tokenizer = load_tokenizer(need(paths.tokenizer, "tokenizer"))
+    docs = read_documents(need(paths.data / split, "data"), meta=False)
     rows = measure(tokenizer, ((d.source, d.text) for d in docs), max_bytes_per_source)
     title = f"tokenizer {paths.tokenizer} (vocab {tokenizer.get_vocab_size():,}) on the {split} split"
     return {"tokenizer": str(paths.tokenizer), "split": split, "sources": rows, "table": format_table(rows, title)}

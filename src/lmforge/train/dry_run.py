@@ -40,7 +40,7 @@ def resolve_vocab(cfg: RunConfig) -> tuple[int, str]:
     """(vocabulary size, where it came from), as stage_train will see it, without needing any stage."""
     if cfg.model.vocab_size > 0:
         return cfg.model.vocab_size, "model.vocab_size"
-    from lmforge.stages import RunPaths
+    from lmforge.run_dir import RunPaths
 
     path = RunPaths(cfg.out).tokenizer
     if path.exists():

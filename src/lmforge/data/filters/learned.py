@@ -143,7 +143,7 @@ class LMScorer:
 
     def __init__(self, checkpoint: Path):
         from lmforge.recipe import config_from_dict
-        from lmforge.stages import RunPaths, load_trained
+        from lmforge.run_dir import RunPaths, load_trained
         from lmforge.tokenizer.special_tokens import load_special_tokens
         from lmforge.tokenizer.train import load_tokenizer
 
