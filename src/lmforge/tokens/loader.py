@@ -250,7 +250,9 @@ class PackedLoader:
                 f"loader has {[s.window for s in self.stages]} and {self.packing!r}; the sample sequence would "
                 "differ (did train.seq_len, the curriculum, the objective or tokens.packing change?)"
             )
-        mine = {n: self.sources[n].fingerprint for n in self.names}
+        # Version 2 fingerprinted the totals only (see TokenDataset.legacy_fingerprint).
+        mine = {n: self.sources[n].legacy_fingerprint if version == 2 else self.sources[n].fingerprint
+                for n in self.names}
         if state["fingerprints"] != mine:
             raise ValueError(
                 f"loader state was saved for other token sets (fingerprints {state['fingerprints']}) than these "

@@ -329,10 +329,17 @@ class TokenDataset:
         The content is the totals plus the checksum of the unigram counts (the same bytes however the
         stream is sharded, other bytes when a token changes). Read from the manifests only, so opening a
         set never scans its index."""
-        m = self.set_manifest
-        key = (f"{self.tokenizer_sha256}:{self.n_tokens}:{self.n_docs}:{m['n_bytes']}:{self.source_names}:"
-               f"{m.get('counts_xxh64')}")
-        return xxhash.xxh64(key.encode()).hexdigest()
+        return xxhash.xxh64(f"{self._totals_key}:{self.set_manifest.get('counts_xxh64')}".encode()).hexdigest()
+
+    @functools.cached_property
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint loader states of version 2 hold: the totals only."""
+        return xxhash.xxh64(self._totals_key.encode()).hexdigest()
+
+    @property
+    def _totals_key(self) -> str:
+        n_bytes = self.set_manifest["n_bytes"]
+        return f"{self.tokenizer_sha256}:{self.n_tokens}:{self.n_docs}:{n_bytes}:{self.source_names}"
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of the stream; a read-only view when inside one shard."""
