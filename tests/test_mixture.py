@@ -158,6 +158,14 @@ def test_best_fit_rows_are_full_and_every_token_is_accounted_for(lengths, window
         assert cropped >= sum(max(0, n - capacity) for n in lengths)
 
 
+def test_a_best_fit_source_too_small_for_a_later_stage_fails_when_the_loader_is_built(sources) -> None:
+    """Not hours in at the stage switch: the loader checks every (source, window) its stages draw."""
+    stages = [Stage(64, 16, {"code": 1.0}), Stage(0, 500, {"code": 1.0})]  # no 2 documents fill 500 tokens
+    with pytest.raises(ValueError, match="fills a row"):
+        PackedLoader(sources, 16, 2, seed=0, packing="best_fit", stages=stages, block_docs=2)
+    PackedLoader(sources, 16, 2, seed=0, packing="best_fit", stages=stages[:1], block_docs=2)  # the first alone is fine
+
+
 @settings(max_examples=20, deadline=None)
 @given(window=st.integers(2, 80), block_docs=st.sampled_from([1, 7, 40, 1024]), seed=st.integers(0, 99),
        long_docs=st.sampled_from(["crop", "split"]))

@@ -112,8 +112,10 @@ class PackedLoader:
         self._streams: dict[tuple[str, int], GreedySource | BestFitSource] = {}
         for stage in self.stages:
             for name, w in stage.weights.items():
-                if w > 0:
-                    self._stream(name, stage.window)  # fail now, not mid-run, on a source too small
+                if w > 0:  # fail now, not hours in at a stage switch, on a source too small for its window
+                    stream = self._stream(name, stage.window)
+                    if isinstance(stream, BestFitSource):
+                        stream.check_fills_a_row()
         self.state = self._fresh_state()
 
     @property

@@ -114,6 +114,11 @@ class BestFitSource:
         cropped += self._skip_exhausted(cursor, within_epoch=True)
         return row, self.capacity + cropped, cropped
 
+    def check_fills_a_row(self) -> None:
+        """The ValueError `take` would raise when no block of documents fills a row (packs the first
+        block that does: the one a fresh cursor draws from, so the work is cached, not repeated)."""
+        self._skip_exhausted(self.fresh())
+
     def consumed_before(self, cursor: dict[str, int]) -> int:
         """Tokens consumed by the rows taken up to `cursor` (rebuilds the count for old loader states)."""
         perm = Permutation(self.ds.n_docs, (self.seed, source_key(self.ds.name), cursor["epoch"]))
