@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tokenizers import Tokenizer
 
 from lmforge.cli import main
@@ -88,3 +89,28 @@ def test_init_from_refuses_a_tokenizer_that_is_not_an_extension(tmp_path):
     with pytest.raises(ConfigError, match="no tokenizer.json"):
         grow_vocabulary(model, cfg, other / "tokenizer.json", 520)
     assert model.cfg.vocab_size == 500  # refused before any change
+
+
+def test_new_tokens_on_padding_rows_start_at_the_mean_of_the_model_s_own_tokens(tmp_path):
+    """A model with more rows than tokens (padded, as Pythia): the extension's first ids land on rows
+    that were never trained; they are reset to the mean of the real tokens' rows, then the rest grow."""
+    own = tmp_path / "model"
+    train_tokenizer(["alpha beta gamma delta epsilon", "one two three four"] * 50, TokenizerConfig(vocab_size=400),
+                    own / "tokenizer.json", progress=False)
+    old = Tokenizer.from_file(str(own / "tokenizer.json")).get_vocab_size()
+    grown = extend_vocabulary(own, ["zetaword thetaword iotaword kappaword lambdaword"] * 100, 12, tmp_path / "ext")
+    new = grown["vocab_size_after"]
+    rows = old + 4  # 4 padding rows: fewer than the new tokens
+    assert new > rows
+    cfg = load_config(overrides=[f"train.init_from={own}", f"model.vocab_size={rows}"])
+    torch.manual_seed(0)
+    model = build_model(DecoderConfig(vocab_size=rows, d_model=16, n_layers=1, n_heads=2, max_seq_len=16))
+    before = model.embed_tokens.weight.detach().clone()
+    line = grow_vocabulary(model, cfg, tmp_path / "ext" / "tokenizer.json", new)
+    weight = model.embed_tokens.weight.detach()
+    assert line and weight.shape[0] == new == cfg.model.vocab_size == model.cfg.vocab_size
+    assert torch.equal(weight[:old], before[:old])
+    mean = before[:old].mean(0)
+    assert torch.allclose(weight[old:], mean.expand(new - old, -1))  # the padding rows too, not their old values
+    assert not torch.allclose(before[old:rows], mean.expand(rows - old, -1))
+    assert grow_vocabulary(model, cfg, own / "tokenizer.json", old) is None  # the model's own tokenizer: nothing

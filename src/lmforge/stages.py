@@ -144,9 +144,9 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
     train_ds, val_ds = open_datasets(paths)
     imported = import_init_from(cfg)
     tokenizer_vocab = load_tokenizer(paths.tokenizer).get_vocab_size()
-    if imported is not None and cfg.model.vocab_size < tokenizer_vocab:
+    if imported is not None:
         line = grow_vocabulary(imported, cfg, paths.tokenizer, tokenizer_vocab)
-        if progress and d.is_main:
+        if line and progress and d.is_main:
             print(line)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer_vocab

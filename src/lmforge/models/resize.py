@@ -19,13 +19,19 @@ _HEADS = ("lm_head",)
 _BIASES = ("mlm_bias", "final_logits_bias")
 
 
-def resize_token_embeddings(model: nn.Module, new_vocab_size: int) -> nn.Module:
+def resize_token_embeddings(model: nn.Module, new_vocab_size: int, real_rows: int | None = None) -> nn.Module:
     """Grow `model`'s token embedding, output head and output bias to `new_vocab_size` rows in place,
-    keeping tied weights tied; sets model.cfg.vocab_size. Shrinking is refused: ids in use would go."""
+    keeping tied weights tied; sets model.cfg.vocab_size. Shrinking is refused: ids in use would go.
+    `real_rows`: the rows that belong to tokens (default: all). Rows past them are padding a model was
+    built with (Pythia's 50,304 rows for 50,277 tokens) and never trained: they are reset to the mean of
+    the real rows too, since new tokens take those ids first."""
     old = model.cfg.vocab_size
+    real = old if real_rows is None else min(real_rows, old)
     if new_vocab_size < old:
         raise ValueError(f"resize_token_embeddings: {new_vocab_size} < the model's {old}; only growing is supported")
-    if new_vocab_size == old:
+    if real < 1:
+        raise ValueError(f"resize_token_embeddings: real_rows must be >= 1, got {real_rows}")
+    if new_vocab_size == real == old:
         return model
     embeddings = [m for name in _EMBEDDINGS if isinstance(m := getattr(model, name, None), nn.Embedding)]
     if len(embeddings) != 1:
@@ -33,27 +39,27 @@ def resize_token_embeddings(model: nn.Module, new_vocab_size: int) -> nn.Module:
     embedding = embeddings[0]
     heads = [m for name in _HEADS if isinstance(m := getattr(model, name, None), nn.Linear)]
     tied = [h for h in heads if h.weight is embedding.weight]
-    embedding.weight = _grown(embedding.weight, new_vocab_size)
+    embedding.weight = _grown(embedding.weight, new_vocab_size, real)
     embedding.num_embeddings = new_vocab_size
     for head in heads:
-        head.weight = embedding.weight if head in tied else _grown(head.weight, new_vocab_size)
+        head.weight = embedding.weight if head in tied else _grown(head.weight, new_vocab_size, real)
         head.out_features = new_vocab_size
     for name in _BIASES:
         bias = getattr(model, name, None)
         if isinstance(bias, torch.Tensor):
-            grown = _grown(bias, new_vocab_size, dim=-1)
+            grown = _grown(bias, new_vocab_size, real, dim=-1)
             # A buffer stays a buffer: assigning a Parameter to a buffer's name would make it trainable.
             setattr(model, name, grown if isinstance(bias, nn.Parameter) else grown.detach())
     model.cfg.vocab_size = new_vocab_size
     return model
 
 
-def _grown(old: torch.Tensor, size: int, dim: int = 0) -> nn.Parameter:
-    """`old` with rows (along `dim`) appended up to `size`, each the mean of the old rows."""
+def _grown(old: torch.Tensor, size: int, real: int, dim: int = 0) -> nn.Parameter:
+    """`old`'s first `real` rows (along `dim`), then rows up to `size`, each the mean of those."""
     with torch.no_grad():
-        n_new = size - old.shape[dim]
-        mean = old.float().mean(dim, keepdim=True).to(old.dtype)
+        kept = old.detach().narrow(dim, 0, real)
+        mean = kept.float().mean(dim, keepdim=True).to(old.dtype)
         shape = list(old.shape)
-        shape[dim] = n_new
-        data = torch.cat([old.detach(), mean.expand(shape)], dim=dim).contiguous()
+        shape[dim] = size - real
+        data = torch.cat([kept, mean.expand(shape)], dim=dim).contiguous()
     return nn.Parameter(data, requires_grad=old.requires_grad)

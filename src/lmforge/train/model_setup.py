@@ -28,32 +28,41 @@ def import_init_from(cfg: RunConfig) -> torch.nn.Module | None:
     return model
 
 
-def grow_vocabulary(model: torch.nn.Module, cfg: RunConfig, tokenizer_path: Path, new_size: int) -> str:
+def grow_vocabulary(model: torch.nn.Module, cfg: RunConfig, tokenizer_path: Path, new_size: int) -> str | None:
     """train.init_from with an extended tokenizer (`lmforge extend-vocab`, then `tokenizer.from`): the
-    imported model gets rows for the new ids, each the mean of the old rows (models.resize). Refused
-    unless the run's tokenizer keeps every id of the model's own tokenizer (its tokenizer.json), since
-    the old rows are indexed by those ids. Returns a line saying what was done."""
+    imported model gets rows for the new ids, each the mean of the rows of the model's own tokens
+    (models.resize), also where the model has padding rows past its tokenizer (they were never
+    trained, and the new ids take them first). Refused unless the run's tokenizer keeps every id of
+    the model's own tokenizer (its tokenizer.json), since the old rows are indexed by those ids.
+    Returns a line saying what was done, or None when the run's tokenizer adds nothing."""
     from tokenizers import Tokenizer
 
     from lmforge.models.resize import resize_token_embeddings
 
-    old_size = cfg.model.vocab_size
+    rows = cfg.model.vocab_size
     own = Path(cfg.train.init_from) / "tokenizer.json"
     if not own.is_file():
-        raise ConfigError(f"train.init_from: {cfg.train.init_from} has {old_size} token rows, the run's tokenizer "
+        if rows >= new_size:
+            return None
+        raise ConfigError(f"train.init_from: {cfg.train.init_from} has {rows} token rows, the run's tokenizer "
                           f"{new_size} tokens, and no tokenizer.json to check that the old ids kept their meaning; "
                           "add the model's tokenizer.json there, or use the model's own tokenizer (tokenizer.from)")
-    old_vocab = Tokenizer.from_file(str(own)).get_vocab()
+    old_tokenizer = Tokenizer.from_file(str(own))
+    old_size = old_tokenizer.get_vocab_size()
+    if new_size <= old_size:
+        return None
     new_vocab = Tokenizer.from_file(str(tokenizer_path)).get_vocab()
-    moved = [t for t, i in old_vocab.items() if new_vocab.get(t) != i]
+    moved = [t for t, i in old_tokenizer.get_vocab().items() if new_vocab.get(t) != i]
     if moved:
         raise ConfigError(f"train.init_from: the run's tokenizer ({tokenizer_path}) is not an extension of {own}: "
                           f"{len(moved)} of its tokens have other ids or are missing (e.g. {moved[0]!r}); an "
                           "extension keeps every old id (lmforge extend-vocab)")
-    resize_token_embeddings(model, new_size)
-    cfg.model.vocab_size = new_size
-    return (f"train.init_from: vocabulary grown {old_size:,} -> {new_size:,} tokens for the extended tokenizer; "
-            "the new embedding and output rows start at the mean of the old ones")
+    size = max(rows, new_size)
+    resize_token_embeddings(model, size, real_rows=old_size)
+    cfg.model.vocab_size = size
+    return (f"train.init_from: {new_size - old_size:,} new tokens ({old_size:,} -> {new_size:,}); the model's "
+            f"{rows:,} embedding and output rows become {size:,}, rows from {min(old_size, rows):,} on starting "
+            "at the mean of the model's own tokens' rows")
 
 
 def build_parallel_model(cfg: RunConfig, d: Any, imported: torch.nn.Module | None) -> tuple[Any, Any, int]:
