@@ -327,3 +327,22 @@ def test_generate_lang_starts_the_prompt_with_document_start_and_the_tag(run_dir
     assert model.seen[-1][:2] == [special.eos, special.lang_tags["en"]]
     with pytest.raises(ConfigError, match="--lang: no language tag for 'fr'; this tokenizer's tags: en, zh"):
         _sample(cfg, model, torch.device("cpu"), "the", lang="fr")
+
+
+def test_fim_keeps_a_documents_language_tag_in_front(run_dir):
+    """FIM decodes a document to cut it: a tag decoded with the text could be cut into text and lost."""
+    from lmforge.objectives import ObjectiveContext, build_objective
+    from lmforge.objectives.fim import FIMConfig
+
+    path = RunPaths(run_dir).tokenizer
+    tok = load_tokenizer(path)
+    special = sp.load_special_tokens(path, tok)
+    fim = build_objective(FIMConfig(fim_rate=1.0), ObjectiveContext(special, tok.get_vocab_size(), 0, tok))
+    tag = special.lang_tags["en"]
+    text = tok.encode(EN, add_special_tokens=False).ids
+    row = np.array([special.eos, tag, *text, special.eos, tag, *text, special.eos], dtype=np.int64)
+    doc_ids = np.array([0] + [1] * (len(text) + 2) + [2] * (len(text) + 2))
+    for seed in range(60):
+        out = fim.transform_row(row, doc_ids, seed).tolist()
+        assert out[:3] == [special.eos, tag, special.fim_prefix], seed  # tag first, then the transformed text
+        assert out.count(tag) == 2, seed

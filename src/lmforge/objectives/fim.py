@@ -10,7 +10,8 @@ and its three pieces re-encoded separately:
 then trained with ordinary next-token loss. The fragments are joined again with their EOS and the
 row is cut back (or padded with <fim_pad>, which carries no loss) to its original length.
 
-Fragments cut by the window edge (the row's first and last) are transformed like whole documents:
+A document's leading language tag (tokens.language_tags) stays in front, untransformed, like its EOS
+at the end. Fragments cut by the window edge (the row's first and last) are transformed like whole documents:
 a sample is whatever its window holds, as in BigCode. A fragment whose tokens do not decode to
 clean text (the window cut a multi-byte character) stays as it is, since re-encoding would change
 it. Tokens pushed past the row's end by the sentinels and re-tokenisation are dropped.
@@ -58,6 +59,7 @@ class FillInTheMiddle:
         self.middle_id = ctx.special.require("fim_middle", NEEDED_BY)
         self.suffix_id = ctx.special.require("fim_suffix", NEEDED_BY)
         self.pad_id = ctx.special.require("fim_pad", NEEDED_BY)
+        self.tags = frozenset(ctx.special.lang_tags.values())  # a document's leading language tag stays first
 
     def window(self, seq_len: int) -> int:
         return seq_len + 1
@@ -79,7 +81,10 @@ class FillInTheMiddle:
         out: list[int] = []
         for start, stop in document_spans(doc_ids):
             closed = bool(tokens[stop - 1] == self.eos)  # the EOS carries the id of the document it ends
-            out += self._fragment(tokens[start : stop - closed].tolist(), rng)
+            ids = tokens[start : stop - closed].tolist()
+            # tokens.language_tags: the tag is no text to cut (decoded, a cut could split it into text)
+            tagged = bool(ids) and ids[0] in self.tags
+            out += ids[:tagged] + self._fragment(ids[tagged:], rng)
             if closed:
                 out.append(self.eos)
         width = len(tokens)
