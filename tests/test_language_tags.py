@@ -111,6 +111,7 @@ def test_inference_from_foreign_spellings_is_conservative():
     # A lone foreign en_XX also serves langid's "en"; an exact code wins.
     assert sp.language_lookup({"ja_XX": 5, "en": 6, "en_XX": 7}) == {"ja_XX": 5, "en": 6, "en_XX": 7, "ja": 5}
     assert "zh" not in sp.language_lookup({"zh_CN": 5, "zh_TW": 6})  # ambiguous: no fallback
+    assert sp.language_lookup({"pt-br": 8})["pt"] == 8  # a configured regional code serves langid's base too
 
 
 def test_imported_tokenizer_saves_inferred_tags(tmp_path):

@@ -129,12 +129,14 @@ def infer_lang_tags(tokenizer: Tokenizer, role_ids: Collection[int] = ()) -> dic
 
 def language_lookup(lang_tags: dict[str, int]) -> dict[str, int]:
     """Document language (the langid filter's ISO 639-1 code) -> tag id: each tag's own code, and for a
-    foreign `en_XX` also `en` when no other tag claims it (so mBART's tags serve langid's codes)."""
+    regional one (mBART's `en_XX`, a configured `pt-br`) also its base (`en`, `pt`) when no other tag
+    claims it, so such tags serve langid's codes."""
     lookup = dict(lang_tags)
     bases: dict[str, list[int]] = {}
     for code, token_id in lang_tags.items():
-        if "_" in code:
-            bases.setdefault(code.split("_", 1)[0], []).append(token_id)
+        base = re.split(r"[-_]", code, maxsplit=1)[0]
+        if base != code:
+            bases.setdefault(base, []).append(token_id)
     for base, ids in bases.items():
         if len(ids) == 1:
             lookup.setdefault(base, ids[0])
