@@ -78,17 +78,19 @@ def test_a_run_continues_from_an_exported_model_and_exports_again(tmp_path):
 def test_init_from_refuses_a_tokenizer_that_is_not_an_extension(tmp_path):
     words = ["alpha beta gamma delta", "one two three four five", "数据 模型 学习"]
     own, other = tmp_path / "model", tmp_path / "other"
-    train_tokenizer(words * 50, TokenizerConfig(vocab_size=500), own / "tokenizer.json", progress=False)
+    train_tokenizer(words * 50, TokenizerConfig(vocab_size=400), own / "tokenizer.json", progress=False)
     train_tokenizer([w[::-1] for w in words] * 50, TokenizerConfig(vocab_size=520), other / "tokenizer.json",
                     progress=False)
-    cfg = load_config(overrides=[f"train.init_from={own}", "model.vocab_size=500"])
-    model = build_model(DecoderConfig(vocab_size=500, d_model=16, n_layers=1, n_heads=2, max_seq_len=16))
+    sizes = [Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab_size() for d in (own, other)]
+    assert sizes == [400, 419]  # the other is larger: it would grow the model, were it an extension
+    cfg = load_config(overrides=[f"train.init_from={own}", "model.vocab_size=400"])
+    model = build_model(DecoderConfig(vocab_size=400, d_model=16, n_layers=1, n_heads=2, max_seq_len=16))
     with pytest.raises(ConfigError, match="not an extension"):
-        grow_vocabulary(model, cfg, other / "tokenizer.json", 520)
+        grow_vocabulary(model, cfg, Tokenizer.from_file(str(other / "tokenizer.json")), other / "tokenizer.json")
     (own / "tokenizer.json").unlink()
     with pytest.raises(ConfigError, match="no tokenizer.json"):
-        grow_vocabulary(model, cfg, other / "tokenizer.json", 520)
-    assert model.cfg.vocab_size == 500  # refused before any change
+        grow_vocabulary(model, cfg, Tokenizer.from_file(str(other / "tokenizer.json")), other / "tokenizer.json")
+    assert model.cfg.vocab_size == 400  # refused before any change
 
 
 def test_new_tokens_on_padding_rows_start_at_the_mean_of_the_model_s_own_tokens(tmp_path):
@@ -106,11 +108,13 @@ def test_new_tokens_on_padding_rows_start_at_the_mean_of_the_model_s_own_tokens(
     torch.manual_seed(0)
     model = build_model(DecoderConfig(vocab_size=rows, d_model=16, n_layers=1, n_heads=2, max_seq_len=16))
     before = model.embed_tokens.weight.detach().clone()
-    line = grow_vocabulary(model, cfg, tmp_path / "ext" / "tokenizer.json", new)
+    line = grow_vocabulary(model, cfg, Tokenizer.from_file(str(tmp_path / "ext" / "tokenizer.json")),
+                           tmp_path / "ext" / "tokenizer.json")
     weight = model.embed_tokens.weight.detach()
     assert line and weight.shape[0] == new == cfg.model.vocab_size == model.cfg.vocab_size
     assert torch.equal(weight[:old], before[:old])
     mean = before[:old].mean(0)
     assert torch.allclose(weight[old:], mean.expand(new - old, -1))  # the padding rows too, not their old values
     assert not torch.allclose(before[old:rows], mean.expand(rows - old, -1))
-    assert grow_vocabulary(model, cfg, own / "tokenizer.json", old) is None  # the model's own tokenizer: nothing
+    own_json = own / "tokenizer.json"
+    assert grow_vocabulary(model, cfg, Tokenizer.from_file(str(own_json)), own_json) is None  # its own: nothing

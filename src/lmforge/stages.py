@@ -143,9 +143,10 @@ def stage_train(cfg: RunConfig, progress: bool = True, stop_after: int | None = 
     _share_batch(cfg, d.data_world)
     train_ds, val_ds = open_datasets(paths)
     imported = import_init_from(cfg)
-    tokenizer_vocab = load_tokenizer(paths.tokenizer).get_vocab_size()
+    tokenizer = load_tokenizer(paths.tokenizer)
+    tokenizer_vocab = tokenizer.get_vocab_size()
     if imported is not None:
-        line = grow_vocabulary(imported, cfg, paths.tokenizer, tokenizer_vocab)
+        line = grow_vocabulary(imported, cfg, tokenizer, paths.tokenizer)
         if line and progress and d.is_main:
             print(line)
     if cfg.model.vocab_size == 0:

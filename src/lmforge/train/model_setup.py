@@ -28,18 +28,19 @@ def import_init_from(cfg: RunConfig) -> torch.nn.Module | None:
     return model
 
 
-def grow_vocabulary(model: torch.nn.Module, cfg: RunConfig, tokenizer_path: Path, new_size: int) -> str | None:
+def grow_vocabulary(model: torch.nn.Module, cfg: RunConfig, tokenizer: Any, tokenizer_path: Path) -> str | None:
     """train.init_from with an extended tokenizer (`lmforge extend-vocab`, then `tokenizer.from`): the
     imported model gets rows for the new ids, each the mean of the rows of the model's own tokens
     (models.resize), also where the model has padding rows past its tokenizer (they were never
     trained, and the new ids take them first). Refused unless the run's tokenizer keeps every id of
     the model's own tokenizer (its tokenizer.json), since the old rows are indexed by those ids.
-    Returns a line saying what was done, or None when the run's tokenizer adds nothing."""
+    `tokenizer`: the run's, loaded from `tokenizer_path`. Returns a line saying what was done, or None
+    when the run's tokenizer adds nothing."""
     from tokenizers import Tokenizer
 
     from lmforge.models.resize import resize_token_embeddings
 
-    rows = cfg.model.vocab_size
+    rows, new_size = cfg.model.vocab_size, tokenizer.get_vocab_size()
     own = Path(cfg.train.init_from) / "tokenizer.json"
     if not own.is_file():
         if rows >= new_size:
@@ -51,7 +52,7 @@ def grow_vocabulary(model: torch.nn.Module, cfg: RunConfig, tokenizer_path: Path
     old_size = old_tokenizer.get_vocab_size()
     if new_size <= old_size:
         return None
-    new_vocab = Tokenizer.from_file(str(tokenizer_path)).get_vocab()
+    new_vocab = tokenizer.get_vocab()
     moved = [t for t, i in old_tokenizer.get_vocab().items() if new_vocab.get(t) != i]
     if moved:
         raise ConfigError(f"train.init_from: the run's tokenizer ({tokenizer_path}) is not an extension of {own}: "
