@@ -66,10 +66,11 @@ def export_tiktoken(tokenizer_path: Path) -> str:
         atomic_write_json(meta_path, {**meta, "available": False, "reason": str(e)})
         return f"tiktoken export: not written, tiktoken cannot reproduce this tokenizer ({e})"
     ranks, rank_to_id = path.ranks
-    data = b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in sorted(ranks.items(), key=_by_rank))
+    ordered = sorted(ranks.items(), key=_by_rank)
+    data = b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in ordered)
     atomic_write_bytes(ranks_path, data)
     ids_by_rank = None if rank_to_id is None else [rank_to_id[r] for r in range(len(rank_to_id))]
-    values = sorted(ranks.values())
+    values = [rank for _, rank in ordered]
     contiguous = values == list(range(values[0], values[0] + len(values))) if values else False
     atomic_write_json(meta_path, {**meta, "available": True, "pat_str": path.pattern, "special_tokens": path.specials,
                                   "ids_by_rank": ids_by_rank, "ranks_xxh64": xxhash.xxh64(data).hexdigest(),
