@@ -23,11 +23,12 @@ from lmforge.errors import ConfigError
 from lmforge.objectives.packing import document_spans, separator_segments
 from lmforge.tokenizer.special_tokens import EOS_ID
 from lmforge.tokens import token_sets
-from lmforge.tokens.loader import BestFitSource, PackedLoader, Stage, pack_best_fit
+from lmforge.tokens.loader import PackedLoader, Stage
 from lmforge.tokens.mixture import SmoothRoundRobin, resolve_weights
 from lmforge.tokens.permutation import Permutation
 from lmforge.tokens.shard_writer import doc_batches
 from lmforge.tokens.shards import TokenDataset
+from lmforge.tokens.sources import BestFitSource, pack_best_fit
 from lmforge.tokens.token_sets import open_split, tokenize_split
 
 

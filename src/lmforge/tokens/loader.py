@@ -40,10 +40,7 @@ import numpy as np
 
 from lmforge.tokens.mixture import SmoothRoundRobin
 from lmforge.tokens.shards import TokenDataset
-from lmforge.tokens.sources import BestFitSource, GreedySource, n_windows, pack_best_fit
-
-__all__ = ["Batch", "BestFitSource", "GreedySource", "PackedLoader", "Stage", "n_windows", "pack_best_fit",
-           "sequential_windows"]
+from lmforge.tokens.sources import BestFitSource, GreedySource, n_windows
 
 log = logging.getLogger(__name__)
 _SOURCE_STRIDE = 1 << 40  # doc ids of source i live in [i * 2^40, (i + 1) * 2^40): unique across sources
