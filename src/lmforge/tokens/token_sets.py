@@ -223,39 +223,29 @@ def _encode_packed(
 ) -> dict[str, Packed]:
     """A batch's documents encoded and packed per source, in order: on an encoder thread, so the
     concatenating, counting and casting of a flush overlap the encoding instead of adding to it.
-    `joined`: the same encoder, one call per source for all its texts, EOS after each."""
+    `joined`: the same encoder, one call per source for all its texts, EOS after each. `tagger`: each
+    document's tag id goes first; both encoder paths give the same tokens."""
     groups: dict[str, list[Document]] = {}
     for doc in batch:
         groups.setdefault(doc.source, []).append(doc)
-    if tagger is not None:  # its own function: the untagged path below stays as tuned
-        return _encode_tagged(encode, batch, groups, eos_id, vocab_size, dtype, joined, tagger)
-    if joined is not None:
-        return {source: pack_joined(*joined([d.text for d in docs], eos_id), [d.n_bytes for d in docs], eos_id,
-                                    vocab_size, dtype) for source, docs in groups.items()}
-    ids = iter(encode([d.text for d in batch]))
-    by_doc = {id(doc): next(ids) for doc in batch}  # each document's ids, whatever its source
-    return {source: pack([by_doc[id(d)] for d in docs], [d.n_bytes for d in docs], eos_id, vocab_size, dtype)
-            for source, docs in groups.items()}
-
-
-def _encode_tagged(
-    encode: Encode, batch: list[Document], groups: dict[str, list[Document]], eos_id: int, vocab_size: int,
-    dtype: np.dtype, joined: EncodeJoined | None, tagger: LanguageTagger,
-) -> dict[str, Packed]:
-    """_encode_packed with each document's tag id first; both encoder paths give the same tokens."""
     if joined is None:
         ids = iter(encode([d.text for d in batch]))
-        by_doc = {id(doc): next(ids) for doc in batch}
+        by_doc = {id(doc): next(ids) for doc in batch}  # each document's ids, whatever its source
     out = {}
     for source, docs in groups.items():
-        tags, counts = tagger(docs)
+        tags, counts = tagger(docs) if tagger is not None else (None, {})
         n_bytes = [d.n_bytes for d in docs]  # the text's: a tag, like EOS, carries no bytes
         if joined is not None:
-            out[source] = pack_joined(*_prefix_joined(*joined([d.text for d in docs], eos_id), tags), n_bytes,
-                                      eos_id, vocab_size, dtype)
+            tokens, lengths = joined([d.text for d in docs], eos_id)
+            if tags is not None:
+                tokens, lengths = _prefix_joined(tokens, lengths, tags)
+            out[source] = pack_joined(tokens, lengths, n_bytes, eos_id, vocab_size, dtype)
         else:
-            out[source] = pack([by_doc[id(d)] if t is None else np.concatenate(([t], by_doc[id(d)]), dtype=np.int64)
-                                for d, t in zip(docs, tags, strict=True)], n_bytes, eos_id, vocab_size, dtype)
+            doc_ids = [by_doc[id(d)] for d in docs]
+            if tags is not None:
+                doc_ids = [x if t is None else np.concatenate(([t], x), dtype=np.int64)
+                           for x, t in zip(doc_ids, tags, strict=True)]
+            out[source] = pack(doc_ids, n_bytes, eos_id, vocab_size, dtype)
         out[source].tag_counts = counts
     return out
 
